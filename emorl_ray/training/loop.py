@@ -1,0 +1,163 @@
+"""The Ray Train worker loop: one policy trained by k-SCST on one reward, with validation,
+the convergence rule, and checkpoints that resume exactly (spec §4.3).
+
+Counters follow the paper: data points = prompts consumed (k samples per prompt not counted);
+training seconds = loop wall time (model and scorer loading excluded; validation included).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from emorl_ray.config import ExperimentConfig, config_from_dict
+from emorl_ray.models import use_reserved_cpus
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"      # PeftModel.from_pretrained-loadable (LoRA runs)
+FULL_MODEL_DIR = "model"     # from_pretrained-loadable (full fine-tuning runs)
+STATE_FILE = "state.json"
+HISTORY_FILE = "history.jsonl"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def batch_for_step(train: list[dict], seed: int, step: int, n: int) -> list[str]:
+    """The prompts of step `step`: a pure function of (seed, step), so a resumed run sees the same data."""
+    rng = random.Random(seed * 1_000_003 + step)
+    idx = rng.sample(range(len(train)), n) if n <= len(train) else [rng.randrange(len(train)) for _ in range(n)]
+    return [train[i]["prompt"] for i in idx]
+
+
+def build_trainable(cfg: ExperimentConfig, device):
+    from peft import get_peft_model
+
+    from emorl_ray.models import Policy, lora_config
+
+    policy = Policy(cfg.model, device)
+    if cfg.training.lora is not None:
+        policy.model = get_peft_model(policy.model, lora_config(cfg.training.lora, policy.kind))
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+    return policy, optimizer
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: dict, history: list[dict], lora: bool) -> None:
+    from safetensors.torch import save_model
+
+    if lora:
+        model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
+    else:
+        (directory / FULL_MODEL_DIR).mkdir()
+        model.config.save_pretrained(directory / FULL_MODEL_DIR)
+        save_model(model, str(directory / FULL_MODEL_DIR / "model.safetensors"))
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+    # state.json last: its presence marks a complete checkpoint.
+    (directory / STATE_FILE).write_text(json.dumps(state))
+
+
+def load_checkpoint(directory: Path, model, optimizer, lora: bool) -> tuple[dict, list[dict]]:
+    from safetensors.torch import load_file, load_model
+
+    if not (directory / STATE_FILE).exists():
+        raise RuntimeError(f"checkpoint {directory} is incomplete (no {STATE_FILE})")
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(str(directory / ADAPTER_DIR / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, weights)
+    else:
+        load_model(model, str(directory / FULL_MODEL_DIR / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+    history = [json.loads(line) for line in (directory / HISTORY_FILE).read_text().splitlines() if line]
+    return json.loads((directory / STATE_FILE).read_text()), history
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from emorl_ray.data import load_splits
+    from emorl_ray.rewards.serve import ServeRewards
+    from emorl_ray.training.scst import converged, greedy_generate, scst_step
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = config_from_dict(config["experiment"])
+    run = config["run"]
+    t = cfg.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if t.scaling.use_gpu else torch.device("cpu")
+    use_reserved_cpus(t.scaling.cpus_per_worker)
+    torch.manual_seed(run["seed"])
+
+    policy, optimizer = build_trainable(cfg, device)
+    lora = t.lora is not None
+    model = policy.model
+    train_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    splits = load_splits(cfg.data)
+    val_prompts = [r["prompt"] for r in splits.val]
+    rewards = ServeRewards(list(run["reward_weights"]))
+    weights = run["reward_weights"]
+
+    state = {"step": 0, "data_points": 0, "train_seconds": 0.0, "val_history": [], "converged": False}
+    history: list[dict] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state, history = load_checkpoint(Path(d), model, optimizer, lora)
+        log.info("[%s] resumed at step %d (%d data points)", run["name"], state["step"], state["data_points"])
+
+    fail_at = config.get("fail_at_step")
+    while state["step"] < t.max_steps and not state["converged"]:
+        # Fault-injection hook for tests: fail once, after the checkpoint of an earlier step.
+        if fail_at is not None and state["step"] == fail_at and not os.path.exists(config["fail_marker"]):
+            Path(config["fail_marker"]).touch()
+            raise RuntimeError(f"injected failure at step {fail_at}")
+        t0 = time.perf_counter()
+        step = state["step"]
+        torch.manual_seed(run["seed"] * 1_000_003 + step * world + rank)  # step-determined sampling
+        prompts = batch_for_step(splits.train, run["seed"], step, t.batch_size * world)
+        prompts = prompts[rank * t.batch_size:(rank + 1) * t.batch_size]
+        stats = scst_step(policy, train_model, optimizer, prompts, rewards, weights, t, cfg.faithful, gen_model=model)
+        state["step"] = step + 1
+        state["data_points"] += t.batch_size * world
+        row = {"kind": "train", "step": state["step"], "data_points": state["data_points"], **stats}
+
+        validate = state["step"] % t.val_every == 0 or state["step"] == t.max_steps
+        if validate:
+            texts = greedy_generate(policy, model, val_prompts, t.max_new_tokens)
+            val = rewards.score_all(val_prompts, texts, list(weights))
+            val_means = {o: sum(v) / len(v) for o, v in val.items()}
+            value = sum(val_means.values()) / len(val_means)
+            state["val_history"].append(value)
+            state["converged"] = converged(state["val_history"], t.convergence.window, t.convergence.threshold)
+        state["train_seconds"] += time.perf_counter() - t0
+        row["train_seconds"] = state["train_seconds"]
+        history.append(row)
+        log.info("[%s] step %d reward %.4f (%.1f s)", run["name"], state["step"], stats["reward"],
+                 time.perf_counter() - t0)
+        if not validate:
+            continue
+        vrow = {"kind": "val", "step": state["step"], "data_points": state["data_points"],
+                "train_seconds": state["train_seconds"], "val_score": value,
+                **{f"val/{o}": m for o, m in val_means.items()}, "converged": state["converged"],
+                "sample": texts[0] if texts else ""}
+        history.append(vrow)
+        metrics = {k: v for k, v in vrow.items() if k != "sample"}
+        log.info("[%s] step %d val %.4f%s", run["name"], state["step"], value,
+                 " (converged)" if state["converged"] else "")
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), model, optimizer, state, history, lora)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)

@@ -1,0 +1,182 @@
+"""k-sample self-critical REINFORCE (k-SCST), the RL step of EMORL stage 1 (spec §4.2).
+
+One optimizer step, top to bottom:
+  1. sample k responses per prompt (eval mode: no dropout; the authors sampled with dropout on);
+  2. score each response with the objective's scorer(s) and transform: r = sum_i w_i * f(s_i),
+     f = log(clip(s, 1e-4, 0.9999)) or identity;
+  3. advantage A = r - baseline, baseline = mean of the k rewards of the same prompt (authors) or
+     the mean of the other k-1 (leave-one-out, RLOO: unbiased);
+  4. loss = -A * log pi(y | x) on the exact sampled token ids (EOS included, pads masked), summed
+     per sequence (authors) or averaged over tokens; plus an optional KL penalty to the frozen
+     base model (the adapter switched off), with gradient;
+  5. clip the gradient norm, AdamW step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from emorl_ray.config import TrainingConfig
+from emorl_ray.models import Policy
+
+SCORE_FLOOR, SCORE_CEIL = 1e-4, 0.9999
+
+
+@dataclass
+class Rollout:
+    prompts: list[str]            # B * k, each prompt repeated k times (prompt-major)
+    enc: dict[str, torch.Tensor]  # the encoded prompts, repeated the same way
+    response_ids: torch.Tensor    # (B*k, T) sampled ids, padded after EOS
+    response_mask: torch.Tensor   # (B*k, T) 1 up to and including the first EOS
+    texts: list[str]
+
+
+def response_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for every token up to and including the first EOS, 0 after it."""
+    is_eos = (ids == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+@torch.no_grad()
+def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, dropout: bool = False) -> Rollout:
+    enc = policy.encode(prompts)
+    was_training = model.training
+    model.train(dropout)
+    try:
+        out = model.generate(**enc, do_sample=True, num_return_sequences=k, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id)
+    finally:
+        model.train(was_training)
+    # Causal LMs return prompt + response; seq2seq models return decoder-start + response.
+    ids = out[:, enc["input_ids"].shape[1]:] if not policy.is_seq2seq else out[:, 1:]
+    mask = response_mask(ids, policy.eos_token_id)
+    ids = ids.masked_fill(mask == 0, policy.pad_token_id)
+    rep = {key: v.repeat_interleave(k, dim=0) for key, v in enc.items()}
+    return Rollout([p for p in prompts for _ in range(k)], rep, ids, mask, policy.decode(ids))
+
+
+def token_logprobs(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for every response token, (N, T); zero where masked."""
+    if policy.is_seq2seq:
+        start = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                       decoder_input_ids=torch.cat([start, ids[:, :-1]], 1),
+                       decoder_attention_mask=torch.cat([torch.ones_like(start), mask[:, :-1]], 1)).logits
+    else:
+        full = torch.cat([enc["input_ids"], ids], 1)
+        attn = torch.cat([enc["attention_mask"], mask], 1)
+        # Positions from the mask, as `generate` does, so left padding scores like sampling did.
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=full, attention_mask=attn, position_ids=pos).logits
+        logits = logits[:, enc["input_ids"].shape[1] - 1:-1]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logp * mask
+
+
+def transform(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "log":
+        return scores.clamp(SCORE_FLOOR, SCORE_CEIL).log()
+    return scores
+
+
+def advantages(rewards: torch.Tensor, k: int, baseline: str) -> torch.Tensor:
+    """rewards (B*k,) prompt-major -> advantages (B*k,)."""
+    r = rewards.view(-1, k)
+    if baseline == "mean":
+        b = r.mean(1, keepdim=True)  # includes the sample itself (the authors' k-SCST)
+    else:
+        b = (r.sum(1, keepdim=True) - r) / (k - 1)  # leave-one-out
+    return (r - b).reshape(-1)
+
+
+def policy_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sequence_sum":
+        return -(adv * logp.sum(1)).mean()
+    return -(adv.unsqueeze(1) * logp).sum() / mask.sum().clamp(min=1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref) = E[exp(d) - d - 1], d = ref - logp; >= 0."""
+    d = (ref_logp - logp) * mask
+    return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, reward_weights: dict[str, float],
+              cfg: TrainingConfig, faithful: bool = False, gen_model=None) -> dict:
+    """One k-SCST update. `model` may be DDP-wrapped; `gen_model` is the plain model for sampling."""
+    gen_model = gen_model or model
+    s = cfg.sampling
+    roll = sample(policy, gen_model, prompts, cfg.k, cfg.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                  dropout=faithful)
+    scores = rewards.score_all(roll.prompts, roll.texts, list(reward_weights))
+    r = sum(w * transform(torch.tensor(scores[o]), cfg.reward_transform) for o, w in reward_weights.items())
+    adv = advantages(r, cfg.k, cfg.baseline).to(roll.response_ids.device)
+
+    model.train()
+    logp = token_logprobs(policy, model, roll.enc, roll.response_ids, roll.response_mask)
+    loss = policy_loss(logp, roll.response_mask, adv, cfg.loss_reduction)
+    kl = float("nan")
+    # The authors' KL term carried no gradient and was multiplied by zero-mean advantages: a no-op.
+    if cfg.kl_coef > 0 and not faithful:
+        with torch.no_grad(), _adapter_disabled(gen_model):
+            ref = token_logprobs(policy, gen_model, roll.enc, roll.response_ids, roll.response_mask)
+        kl_t = kl_penalty(logp, ref, roll.response_mask)
+        loss = loss + cfg.kl_coef * kl_t
+        kl = kl_t.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+
+    stats = {"loss": loss.item(), "reward": float(r.mean()), "kl": kl, "grad_norm": float(grad_norm),
+             "response_tokens": float(roll.response_mask.sum(1).float().mean())}
+    for o in reward_weights:
+        stats[f"score/{o}"] = float(sum(scores[o]) / len(scores[o]))
+    return stats
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model):
+    # The reference policy is the base model: the same weights with the LoRA adapter off.
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        raise ValueError("training.kl_coef > 0 needs LoRA (the adapter-free base is the reference)")
+
+
+def converged(history: list[float], window: int, threshold: float) -> bool:
+    """The authors' rule: the last `window` validation scores have std / mean < threshold."""
+    if len(history) < window:
+        return False
+    tail = history[-window:]
+    mean = sum(tail) / window
+    if mean <= 0:
+        return False
+    std = math.sqrt(sum((x - mean) ** 2 for x in tail) / window)  # population std, as the authors
+    return std / mean < threshold
+
+
+@torch.no_grad()
+def greedy_generate(policy: Policy, model, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    was_training = model.training
+    model.eval()
+    texts = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = policy.encode(prompts[i:i + batch_size])
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id)
+            ids = out[:, enc["input_ids"].shape[1]:] if not policy.is_seq2seq else out[:, 1:]
+            texts.extend(policy.decode(ids))
+    finally:
+        model.train(was_training)
+    return texts

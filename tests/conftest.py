@@ -1,0 +1,46 @@
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from emorl_ray.config import parse_config  # noqa: E402
+from emorl_ray.models import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "causal", "causal")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "t5", "seq2seq")
+
+
+def tiny_raw_config(model_dir, output_dir, **training) -> dict:
+    """A complete experiment on a tiny model with cheap python scorers (seconds per stage)."""
+    return {
+        "name": "tiny",
+        "output_dir": str(output_dir),
+        "model": {"id": str(model_dir), "use_chat_template": False, "max_prompt_tokens": 32},
+        "data": {"source": "demo", "max_val": 4, "max_test": 4},
+        "objectives": {
+            "overlap": {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:word_overlap",
+                                   "num_cpus": 0.05}},
+            "brevity": {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:brevity",
+                                   "num_cpus": 0.05}},
+        },
+        "training": {"batch_size": 2, "k": 2, "max_new_tokens": 6, "max_steps": 4, "val_every": 2,
+                     "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+                     "scaling": {"num_workers": 1, "cpus_per_worker": 0.3}, **training},
+        "search": {"levels": 2, "max_new_tokens": 6, "max_concurrent_trials": 2, "evaluator_cpus": 0.2},
+        "evaluation": {"max_new_tokens": 6},
+    }
+
+
+@pytest.fixture
+def tiny_config(tiny_causal, tmp_path):
+    return parse_config(tiny_raw_config(tiny_causal, tmp_path / "runs"))

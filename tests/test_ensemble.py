@@ -1,0 +1,93 @@
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from emorl_ray.config import LoraConfig, ModelConfig
+from emorl_ray.data import read_demo
+from emorl_ray.ensemble.hidden_state import AdapterEnsemble, WeightError, choose_token
+from emorl_ray.models import Policy, lora_config
+
+PROMPTS = [r["prompt"] for r in read_demo()[:6]]
+
+
+def _random_adapters(model_dir, tmp_path, names=("a", "b", "c")):
+    mc = ModelConfig(id=model_dir, use_chat_template=False)
+    out = {}
+    for i, name in enumerate(names):
+        p = Policy(mc)
+        torch.manual_seed(100 + i)
+        m = get_peft_model(p.model, lora_config(LoraConfig(r=4, alpha=16, dropout=0.0), p.kind))
+        for n, prm in m.named_parameters():
+            if "lora_B" in n:  # B starts at zero: make each adapter really change the model
+                torch.nn.init.normal_(prm, std=0.5)
+        m.save_pretrained(tmp_path / name)
+        out[name] = str(tmp_path / name)
+    return mc, out
+
+
+def _single_greedy(mc, adapter_dir, prompts, n):
+    policy = Policy(mc)
+    model = PeftModel.from_pretrained(policy.model, adapter_dir).eval()
+    enc = policy.encode(prompts)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=n, pad_token_id=policy.pad_token_id,
+                         eos_token_id=policy.eos_token_id)
+    ids = out[:, 1:] if policy.is_seq2seq else out[:, enc["input_ids"].shape[1]:]
+    return policy.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["causal", "t5"])
+def test_one_hot_weights_reproduce_each_single_adapter(kind, tiny_causal, tiny_t5, tmp_path):
+    mc, adapters = _random_adapters(tiny_causal if kind == "causal" else tiny_t5, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    outputs = {}
+    for name in adapters:
+        one_hot = {n: float(n == name) for n in adapters}
+        outputs[name] = ens.generate(PROMPTS, one_hot, 10)
+        assert outputs[name] == _single_greedy(mc, adapters[name], PROMPTS, 10)
+    assert len({tuple(v) for v in outputs.values()}) > 1  # the adapters really differ
+
+
+def test_greedy_output_is_invariant_to_scaling_the_weights(tiny_causal, tmp_path):
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    w = {"a": 0.2, "b": 0.5, "c": 0.3}
+    assert ens.generate(PROMPTS, w, 10) == ens.generate(PROMPTS, {k: 7 * v for k, v in w.items()}, 10)
+    assert ens.generate(PROMPTS, list(w.values()), 10) == ens.generate(PROMPTS, w, 10)
+
+
+def test_base_model_path_matches_plain_generate(tiny_causal, tmp_path):
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    policy = Policy(mc)
+    enc = policy.encode(PROMPTS)
+    out = policy.model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=policy.pad_token_id,
+                                eos_token_id=policy.eos_token_id)
+    assert ens.generate(PROMPTS, None, 8) == policy.decode(out[:, enc["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("weights, msg", [
+    ({"a": 0, "b": 0, "c": 0}, "all zero"),
+    ({"a": -1, "b": 1, "c": 1}, ">= 0"),
+    ({"a": float("nan"), "b": 1, "c": 1}, "finite"),
+    ({"a": 1, "b": 1}, "missing"),
+    ({"a": 1, "b": 1, "c": 1, "d": 1}, "unknown"),
+    ([1.0, 2.0], "2 weights for 3"),
+    (["x", 1, 1], "numbers"),
+])
+def test_bad_weights_are_rejected(tiny_causal, tmp_path, weights, msg):
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    with pytest.raises(WeightError, match=msg):
+        ens.generate(PROMPTS[:1], weights, 2)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    assert choose_token(logits, greedy=True).item() == 2
+    draws = {choose_token(logits, False, top_k=1, generator=g).item() for _ in range(20)}
+    assert draws == {2}
+    draws = {choose_token(logits, False, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {2, 3}
+    draws = {choose_token(logits, False, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert draws == {2}

