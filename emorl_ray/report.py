@@ -37,8 +37,10 @@ def write_report(run_dir: Path, cfg, data_summary: dict, manifests: list[dict], 
               f"{search['parameterization']} parameterisation, {search['levels']} levels, {search['trials']} trials "
               f"({search['failed_trials']} failed). Best validation score {search['best_score']:.4f} at "
               + ", ".join(f"{o}={w:.4f}" for o, w in search["best_weights_normalized"].items())
-              + " (normalised). All points: `search/points.parquet`.", "",
-              f"## Test results ({evaluation['decoding']} decoding, {evaluation['methods'][0]['n_prompts']} prompts, "
+              + " (normalised). All points: `search/points.parquet`.", ""]
+    if (run_dir / "search" / "heatmap.png").exists():
+        lines += ["![searched weights](search/heatmap.png)", ""]
+    lines += [f"## Test results ({evaluation['decoding']} decoding, {evaluation['methods'][0]['n_prompts']} prompts, "
               "95% CI over prompts)", ""]
     header = ["method"] + objectives + ["average", "distinct-2", "edit rate", "train data points", "train s"]
     rows = []

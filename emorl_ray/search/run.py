@@ -7,6 +7,7 @@ directory restores the Tune experiment and the searcher state: finished trials a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -33,6 +34,12 @@ def evaluate_weights(config: dict) -> None:
     handle = serve.get_app_handle(config["app"])
     res = handle.evaluate.remote(weights, "val", config["max_new_tokens"]).result()
     tune.report({METRIC: res["mean"], **{f"score/{o}": v for o, v in res["per_objective"].items()}})
+
+
+def searcher_state(exp_path: Path) -> dict:
+    """The searcher's JSON state as Tune last saved it (Tune names the file *.pkl; it is JSON)."""
+    files = sorted(Path(exp_path).glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else {}
 
 
 def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> dict:
@@ -78,7 +85,15 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> d
               "best_weights": {o: best[f"w/{o}"] for o in objectives},
               "best_weights_normalized": {o: best[f"w/{o}"] / total for o in objectives},
               "best_per_objective": {o: best[f"score/{o}"] for o in objectives}}
+    state = searcher_state(exp_path)
+    result["path"] = state.get("path", [])
     write_parquet(run_dir / "search" / "points.parquet", points)
+    if len(objectives) == 3:
+        from emorl_ray.search.plots import ternary_heatmap
+
+        ternary_heatmap(points, objectives, run_dir / "search" / "heatmap.png", best=result["best_weights"],
+                        search_path=result["path"],
+                        title=f"{se.parameterization} search, {len(points)} trials, best {best['score']:.4f}")
     atomic_write_json(run_dir / "search" / "result.json", result)
     log.info("search: %d trials, best %.4f at %s", len(points), best["score"], result["best_weights"])
     return result

@@ -1,0 +1,204 @@
+"""How many trials each weight-search method needs, all run as real Ray Tune experiments.
+
+Methods: hierarchical simplex (ours), hierarchical cube with and without cache (the authors'),
+Tune's grid search over a simplex grid, Tune's random search, and Optuna TPE, the last three at
+the same budget as the simplex search. Reference: the best score of a dense simplex grid (1/32).
+
+Synthetic objectives (`emorl_ray.search.synthetic`) always; with `--run-dir` also the real
+ensemble objective of a finished run (the embedded default's adapters and scorers), where the
+dense reference is a 1/8 grid and the simplex search is also timed per level with 1 and 2
+trial workers.
+
+    python bench/search_efficiency.py --quick          # one synthetic function, a few minutes
+    python bench/search_efficiency.py                  # both synthetic functions
+    python bench/search_efficiency.py --run-dir runs/default   # + the real objective (long)
+
+Writes bench/results/search_efficiency.json, prints a table, and prints as its last line one
+JSON object with at least `simplex_trials` and `simplex_gap`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+
+from emorl_ray.search.hierarchical import HierarchicalGridSearcher  # noqa: E402
+from emorl_ray.search.synthetic import FUNCTIONS  # noqa: E402
+
+OBJECTIVES = ["a", "b", "c"]
+
+
+def simplex_grid(n: int, d: int = 3) -> list[list[float]]:
+    return [[i / n for i in c] for c in itertools.product(range(n + 1), repeat=d) if sum(c) == n]
+
+
+def timed_trial(config: dict) -> None:
+    """The synthetic trainable, stamped with its finish time (to order trials)."""
+    w = list(config["weights"].values())
+    tune.report({"score": FUNCTIONS[config["function"]](w), "finished_at": time.time()})
+
+
+def run_tune(trainable, param_space, search_alg=None, num_samples=1, concurrency=2, storage=None) -> dict:
+    t0 = time.time()
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0.01}), param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
+                                    max_concurrent_trials=concurrency, metric="score", mode="max"),
+        run_config=tune.RunConfig(storage_path=storage, verbose=0))
+    grid = tuner.fit()
+    wall = time.time() - t0
+    rows = sorted(({"score": r.metrics.get("score"), "t": r.metrics.get("finished_at", 0.0),
+                    "weights": r.config["weights"]} for r in grid if r.metrics), key=lambda x: x["t"])
+    return {"rows": rows, "wall_s": round(wall, 2)}
+
+
+def summarise(name: str, out: dict, reference: float) -> dict:
+    scores = [r["score"] for r in out["rows"]]
+    finite = [s for s in scores if s is not None and s == s]
+    best = max(finite) if finite else None
+    reach, running = None, float("-inf")
+    for i, s in enumerate(scores, 1):
+        if s is not None and s == s:
+            running = max(running, s)
+        if reach is None and running >= reference - 1e-9:
+            reach = i
+    bw = max((r for r in out["rows"] if r["score"] is not None and r["score"] == r["score"]),
+             key=lambda r: r["score"])["weights"] if finite else None
+    return {"method": name, "trials": len(scores), "best": best, "gap": None if best is None else reference - best,
+            "trials_to_reach_dense_best": reach, "wall_s": out["wall_s"], "best_weights": bw}
+
+
+def hierarchical(param, levels, cache):
+    return HierarchicalGridSearcher(OBJECTIVES, "score", "max", levels=levels, parameterization=param, cache=cache)
+
+
+def compare(function: str, storage: str, budget_extra: int | None) -> dict:
+    f = FUNCTIONS[function]
+    dense = simplex_grid(32)
+    reference = max(f(w) for w in dense)
+    const = {"function": function}
+    results = []
+    out = run_tune(timed_trial, const, hierarchical("simplex", 5, True), -1, storage=storage)
+    results.append(summarise("hierarchical simplex (5 levels)", out, reference))
+    budget = results[0]["trials"]
+    for cache in (False, True):
+        out = run_tune(timed_trial, const, hierarchical("cube", 5, cache), -1, storage=storage)
+        results.append(summarise(f"hierarchical cube (5 levels, cache {'on' if cache else 'off'})", out, reference))
+    # Tune's own grid search over the coarsest simplex grid with at least the simplex budget.
+    n = next(n for n in range(1, 64) if len(simplex_grid(n)) >= budget)
+    grid = [dict(zip(OBJECTIVES, w)) for w in simplex_grid(n)]
+    out = run_tune(timed_trial, {**const, "weights": tune.grid_search(grid)}, storage=storage)
+    results.append(summarise(f"Tune grid search (simplex grid 1/{n})", out, reference))
+    from ray.tune.search.optuna import OptunaSearch
+
+    for b in [budget] + ([budget_extra] if budget_extra else []):
+        space = {**const, "weights": {o: tune.uniform(0.0, 1.0) for o in OBJECTIVES}}
+        out = run_tune(timed_trial, space, num_samples=b, storage=storage)
+        results.append(summarise(f"Tune random search ({b} trials)", out, reference))
+        out = run_tune(timed_trial, space, OptunaSearch(seed=0), num_samples=b, storage=storage)
+        results.append(summarise(f"Optuna TPE ({b} trials)", out, reference))
+    return {"function": function, "dense_grid_points": len(dense), "dense_best": reference, "methods": results}
+
+
+def real_objective(run_dir: Path, storage: str) -> dict:
+    """The embedded default's ensemble objective: deploy its scorers and ensemble, then search."""
+    from emorl_ray.config import load_config
+    from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
+    from emorl_ray.rewards.serve import deploy_scorers
+    from emorl_ray.search.run import evaluate_weights
+
+    cfg = load_config(run_dir / "config.yaml")
+    runs = json.loads((run_dir / "training" / "manifest.json").read_text())["runs"]
+    adapters = {m["name"]: m["adapter_path"] for m in runs if m["seed"] == cfg.training.seeds[0]}
+    objectives = cfg.objective_names
+    deploy_scorers(cfg)
+    const = {"app": APP_NAME, "max_new_tokens": cfg.search.max_new_tokens}
+
+    out = {"objectives": objectives}
+    rows = {}
+    for replicas in (1, 2):
+        cfg.search.evaluator_replicas = replicas
+        cfg.search.evaluator_cpus = 0.9 if replicas == 2 else 1.5
+        deploy_evaluator(cfg, adapters)
+        searcher = HierarchicalGridSearcher(objectives, "score", "max", levels=3)
+        t0 = time.time()
+        grid = tune.Tuner(tune.with_resources(evaluate_weights, {"cpu": 0.01}), param_space=const,
+                          tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                                                      max_concurrent_trials=2 * replicas),
+                          run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
+        levels = {}
+        for r in grid:
+            lv = r.config["level"]
+            levels.setdefault(lv, []).append(r)
+        per_level = {}
+        for lv, rs in sorted(levels.items()):
+            start = min(r.metrics["timestamp"] - r.metrics["time_total_s"] for r in rs)
+            end = max(r.metrics["timestamp"] for r in rs)
+            per_level[lv] = round(end - start, 1)
+        rows[f"{replicas}_workers"] = {"wall_s": round(time.time() - t0, 1), "per_level_wall_s": per_level,
+                                       "trials": len(grid),
+                                       "best": max(r.metrics["score"] for r in grid if r.metrics)}
+    out["simplex_1_vs_2_workers"] = rows
+    # Reference: a dense 1/8 simplex grid, through Tune's grid search.
+    dense = [dict(zip(objectives, w)) for w in simplex_grid(8, len(objectives))]
+    t0 = time.time()
+    grid = tune.Tuner(tune.with_resources(evaluate_weights, {"cpu": 0.01}),
+                      param_space={**const, "weights": tune.grid_search(dense)},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=4),
+                      run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
+    scores = [r.metrics["score"] for r in grid if r.metrics and r.metrics.get("score") is not None]
+    out["dense_1_8"] = {"trials": len(scores), "best": max(scores), "wall_s": round(time.time() - t0, 1)}
+    ray.serve.shutdown()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one synthetic function, equal budgets only")
+    ap.add_argument("--run-dir", type=Path, help="a finished run: also search its real ensemble objective")
+    args = ap.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="emorl-search-bench-")
+    functions = ["concave"] if args.quick else ["concave", "multimodal"]
+    report = {"command": " ".join(["python"] + sys.argv), "synthetic": [compare(f, storage, None if args.quick else 50)
+                                                                        for f in functions]}
+    if args.run_dir:
+        report["real"] = real_objective(args.run_dir.resolve(), storage)
+    ray.shutdown()
+    out = ROOT / "bench" / "results" / "search_efficiency.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for s in report["synthetic"]:
+        print(f"\n{s['function']}: dense 1/32 grid best {s['dense_best']:.6f} over {s['dense_grid_points']} points")
+        print("| method | trials | best | gap to dense best | trials to reach it | wall s |\n|---|---|---|---|---|---|")
+        for m in s["methods"]:
+            print(f"| {m['method']} | {m['trials']} | {m['best']:.6f} | {m['gap']:.6f} | "
+                  f"{m['trials_to_reach_dense_best'] or '-'} | {m['wall_s']} |")
+    if "real" in report:
+        print("\nreal objective:", json.dumps(report["real"], indent=1))
+    first = report["synthetic"][0]
+    simplex = first["methods"][0]
+    print(json.dumps({"function": first["function"], "simplex_trials": simplex["trials"],
+                      "simplex_gap": simplex["gap"], "cube_trials_no_cache": first["methods"][1]["trials"],
+                      "cube_trials_cache": first["methods"][2]["trials"],
+                      "cube_gap": first["methods"][1]["gap"],
+                      "random_gap_equal_budget": first["methods"][4]["gap"],
+                      "tpe_gap_equal_budget": first["methods"][5]["gap"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Explainability for three objectives: every scored weight vector on a ternary plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _xy(w: list[float]) -> tuple[float, float] | None:
+    s = sum(w)
+    if s <= 0:
+        return None
+    a, b, c = (x / s for x in w)
+    # Vertices: objective 0 bottom-left, 1 bottom-right, 2 top.
+    return b + c / 2, c * math.sqrt(3) / 2
+
+
+def ternary_heatmap(points: list[dict], objectives: list[str], path: Path, best: dict | None = None,
+                    search_path: list | None = None, title: str = "") -> Path:
+    """`points`: rows with `w/<objective>` and `score`; `search_path`: the chosen region per level
+    (simplex vertices, or cube boxes, drawn by their corners normalised onto the simplex)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.8))
+    tri = [(0, 0), (1, 0), (0.5, math.sqrt(3) / 2), (0, 0)]
+    ax.plot(*zip(*tri), color="black", lw=1)
+    for (x, y), name, (dx, dy) in zip(tri[:3], objectives, [(-0.04, -0.05), (0.04, -0.05), (0, 0.04)]):
+        ax.text(x + dx, y + dy, name, ha="center", fontsize=11)
+    scored = [(p, _xy([p[f"w/{o}"] for o in objectives])) for p in points if p.get("score") is not None]
+    scored = [(p, xy) for p, xy in scored if xy is not None]
+    if scored:
+        sc = ax.scatter([xy[0] for _, xy in scored], [xy[1] for _, xy in scored],
+                        c=[p["score"] for p, _ in scored], cmap="viridis", s=70, edgecolors="k", linewidths=0.4)
+        fig.colorbar(sc, ax=ax, label="validation score (mean of objectives)")
+    failed = [_xy([p[f"w/{o}"] for o in objectives]) for p in points if p.get("score") is None]
+    failed = [xy for xy in failed if xy is not None]
+    if failed:
+        ax.scatter(*zip(*failed), marker="x", color="red", s=50, label="failed trial")
+    for level in search_path or []:
+        region = level["chosen"]
+        corners = region if isinstance(region[0], list) and len(region) == len(objectives) and \
+            all(len(v) == len(objectives) for v in region) else None
+        if corners:
+            xy = [_xy(v) for v in corners]
+            xy = [p for p in xy if p is not None]
+            if len(xy) >= 3:
+                ax.fill(*zip(*xy), fill=False, edgecolor="orange", lw=1)
+    if best:
+        bxy = _xy([best[o] for o in objectives])
+        if bxy:
+            ax.scatter([bxy[0]], [bxy[1]], marker="*", s=300, color="red", edgecolors="k", label="chosen weights")
+    ax.set_aspect("equal")
+    ax.set_ylim(-0.1, 1.0)
+    ax.axis("off")
+    ax.set_title(title or "searched ensemble weights (normalised onto the simplex)", fontsize=10)
+    if failed or best:
+        ax.legend(loc="upper right", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,99 @@
+"""The hierarchical searcher inside real Ray Tune experiments (synthetic objective)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray import tune
+
+from emorl_ray.search.hierarchical import HierarchicalGridSearcher
+from emorl_ray.search.synthetic import FUNCTIONS, synthetic_trial
+
+pytestmark = pytest.mark.e2e
+OBJ = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _tuner(searcher, storage, name, extra=None, max_failures=0):
+    return tune.Tuner(
+        tune.with_resources(synthetic_trial, {"cpu": 0.01}),
+        param_space={"function": "concave", **(extra or {})},
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=3),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=max_failures)))
+
+
+def test_simplex_search_in_tune(local_ray, tmp_path):
+    searcher = HierarchicalGridSearcher(OBJ, "score", levels=5)
+    grid = _tuner(searcher, tmp_path, "simplex").fit()
+    assert len(grid) == 18 and not grid.errors
+    best = grid.get_best_result("score", "max")
+    w = [best.config["weights"][o] for o in OBJ]
+    assert max(abs(a - b) for a, b in zip(w, [0.55, 0.3, 0.15])) <= 1 / 32 + 1e-9
+    levels = [r.config["level"] for r in grid]
+    assert sorted(levels) == [1] * 6 + [2] * 3 + [3] * 3 + [4] * 3 + [5] * 3
+
+
+def test_failing_trial_is_retried_then_scored_worst(local_ray, tmp_path):
+    searcher = HierarchicalGridSearcher(OBJ, "score", levels=2)
+    tuner = _tuner(searcher, tmp_path, "failing", {"fail_on": [[0.0, 0.0, 1.0]]}, max_failures=1)
+    grid = tuner.fit()
+    assert len(grid) == 9 and len(grid.errors) == 1  # the search went on past the failure
+    state = json.loads(sorted((tmp_path / "failing").glob("searcher-state-*.pkl"))[-1].read_text())
+    assert state["finished"] and state["scores"]["0,0,1"] is None
+
+
+def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
+    """Kill the driver mid-search (SIGKILL), then Tuner.restore: no finished trial runs again."""
+    script = textwrap.dedent(f"""
+        import ray
+        from ray import tune
+        from emorl_ray.search.hierarchical import HierarchicalGridSearcher
+        from emorl_ray.search.synthetic import synthetic_trial
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        s = HierarchicalGridSearcher({OBJ!r}, "score", levels=4)
+        tune.Tuner(tune.with_resources(synthetic_trial, {{"cpu": 0.01}}),
+                   param_space={{"function": "concave", "sleep_s": 1.0}},
+                   tune_config=tune.TuneConfig(search_alg=s, num_samples=-1, max_concurrent_trials=2),
+                   run_config=tune.RunConfig(name="killed", storage_path={str(tmp_path)!r}, verbose=0)).fit()
+    """)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    exp = tmp_path / "killed"
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline:
+        finished = [p for p in exp.glob("synthetic_trial_*/result.json") if p.stat().st_size > 0]
+        if len(finished) >= 8 and list(exp.glob("searcher-state-*.pkl")):
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(finished) >= 8, "the first run did not get far enough"
+    time.sleep(3)
+
+    before = {p.parent.name for p in exp.glob("synthetic_trial_*/result.json") if p.stat().st_size > 0}
+    assert tune.Tuner.can_restore(str(exp))
+    grid = tune.Tuner.restore(str(exp), tune.with_resources(synthetic_trial, {"cpu": 0.01}),
+                              resume_unfinished=True, resume_errored=False).fit()
+    weights = [tuple(r.config["weights"][o] for o in OBJ) for r in grid]
+    assert len(weights) == len(set(weights)) == 15  # 6 + 3 + 3 + 3: every point exactly once
+    for d in before:  # finished trials kept their single result, they were not re-run
+        lines = (exp / d / "result.json").read_text().strip().splitlines()
+        assert len(lines) == 1
+    best = max(grid, key=lambda r: r.metrics.get("score", float("-inf")))
+    assert best.metrics["score"] == pytest.approx(
+        max(FUNCTIONS["concave"](list(w)) for w in weights))
