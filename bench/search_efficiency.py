@@ -51,11 +51,11 @@ def timed_trial(config: dict) -> None:
     tune.report({"score": FUNCTIONS[config["function"]](w), "finished_at": time.time()})
 
 
-def run_tune(trainable, param_space, search_alg=None, num_samples=1, concurrency=2, storage=None) -> dict:
+def run_tune(trainable, param_space, search_alg=None, num_samples=1, concurrency=8, storage=None) -> dict:
     t0 = time.time()
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 0.01}), param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
+        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, reuse_actors=True,
                                     max_concurrent_trials=concurrency, metric="score", mode="max"),
         run_config=tune.RunConfig(storage_path=storage, verbose=0))
     grid = tuner.fit()
@@ -113,8 +113,12 @@ def compare(function: str, storage: str, budget_extra: int | None) -> dict:
     return {"function": function, "dense_grid_points": len(dense), "dense_best": reference, "methods": results}
 
 
-def real_objective(run_dir: Path, storage: str) -> dict:
-    """The embedded default's ensemble objective: deploy its scorers and ensemble, then search."""
+def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
+    """The embedded default's ensemble objective: deploy its scorers and ensemble, then search.
+
+    A trial here costs a validation decode (seconds), so the budget is smaller than for the
+    synthetic functions: `levels` levels, a 1/8 dense grid as the reference, and the cube only
+    with its cache (without it, the greedy objective re-scores the same points identically)."""
     from emorl_ray.config import load_config
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.rewards.serve import deploy_scorers
@@ -126,42 +130,75 @@ def real_objective(run_dir: Path, storage: str) -> dict:
     objectives = cfg.objective_names
     deploy_scorers(cfg)
     const = {"app": APP_NAME, "max_new_tokens": cfg.search.max_new_tokens}
+    trainable = tune.with_resources(evaluate_weights, {"cpu": 0.01})
 
-    out = {"objectives": objectives}
-    rows = {}
+    def fit(param_space, search_alg=None, num_samples=1, concurrency=2):
+        t0 = time.time()
+        grid = tune.Tuner(trainable, param_space=param_space,
+                          tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
+                                                      max_concurrent_trials=concurrency),
+                          run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
+        return grid, time.time() - t0
+
+    def ordered(grid):
+        rows = [r for r in grid if r.metrics and r.metrics.get("score") is not None]
+        return sorted(rows, key=lambda r: r.metrics["timestamp"])
+
+    out = {"objectives": objectives, "levels": levels, "methods": []}
+    # Simplex search with 1 and 2 evaluator replicas (trial workers): per-level wall time.
+    workers = {}
     for replicas in (1, 2):
         cfg.search.evaluator_replicas = replicas
-        cfg.search.evaluator_cpus = 0.9 if replicas == 2 else 1.5
+        cfg.search.evaluator_cpus = 0.8 if replicas == 2 else 1.5
         deploy_evaluator(cfg, adapters)
-        searcher = HierarchicalGridSearcher(objectives, "score", "max", levels=3)
-        t0 = time.time()
-        grid = tune.Tuner(tune.with_resources(evaluate_weights, {"cpu": 0.01}), param_space=const,
-                          tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
-                                                      max_concurrent_trials=2 * replicas),
-                          run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
-        levels = {}
+        grid, wall = fit(const, HierarchicalGridSearcher(objectives, "score", "max", levels=levels), -1, 2 * replicas)
+        per_level = {}
         for r in grid:
             lv = r.config["level"]
-            levels.setdefault(lv, []).append(r)
-        per_level = {}
-        for lv, rs in sorted(levels.items()):
-            start = min(r.metrics["timestamp"] - r.metrics["time_total_s"] for r in rs)
-            end = max(r.metrics["timestamp"] for r in rs)
-            per_level[lv] = round(end - start, 1)
-        rows[f"{replicas}_workers"] = {"wall_s": round(time.time() - t0, 1), "per_level_wall_s": per_level,
-                                       "trials": len(grid),
-                                       "best": max(r.metrics["score"] for r in grid if r.metrics)}
-    out["simplex_1_vs_2_workers"] = rows
-    # Reference: a dense 1/8 simplex grid, through Tune's grid search.
-    dense = [dict(zip(objectives, w)) for w in simplex_grid(8, len(objectives))]
-    t0 = time.time()
-    grid = tune.Tuner(tune.with_resources(evaluate_weights, {"cpu": 0.01}),
-                      param_space={**const, "weights": tune.grid_search(dense)},
-                      tune_config=tune.TuneConfig(max_concurrent_trials=4),
-                      run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
-    scores = [r.metrics["score"] for r in grid if r.metrics and r.metrics.get("score") is not None]
-    out["dense_1_8"] = {"trials": len(scores), "best": max(scores), "wall_s": round(time.time() - t0, 1)}
-    ray.serve.shutdown()
+            start, end = r.metrics["timestamp"] - r.metrics["time_total_s"], r.metrics["timestamp"]
+            a, b = per_level.get(lv, (start, end))
+            per_level[lv] = (min(a, start), max(b, end))
+        workers[replicas] = {"wall_s": round(wall, 1), "trials": len(grid),
+                             "per_level_wall_s": {lv: round(b - a, 1) for lv, (a, b) in sorted(per_level.items())}}
+        if replicas == 1:
+            simplex_grid_result = (grid, wall)
+    out["simplex_per_level_1_vs_2_workers"] = workers
+    cfg.search.evaluator_replicas, cfg.search.evaluator_cpus = 1, 1.5
+    deploy_evaluator(cfg, adapters)
+    dense, dense_wall = fit({**const, "weights": tune.grid_search(
+        [dict(zip(objectives, w)) for w in simplex_grid(8, len(objectives))])})
+    reference = max(r.metrics["score"] for r in ordered(dense))
+    out["dense_1_8"] = {"trials": len(dense), "best": reference, "wall_s": round(dense_wall, 1)}
+
+    def record(name, grid, wall):
+        rows = ordered(grid)
+        scores = [r.metrics["score"] for r in rows]
+        best = max(scores)
+        running, reach = float("-inf"), None
+        for i, sc in enumerate(scores, 1):
+            running = max(running, sc)
+            if reach is None and running >= reference - 1e-9:
+                reach = i
+        out["methods"].append({"method": name, "trials": len(grid), "best": best, "gap": reference - best,
+                               "trials_to_reach_dense_best": reach, "wall_s": round(wall, 1)})
+
+    record(f"hierarchical simplex ({levels} levels)", *simplex_grid_result)
+    budget = len(simplex_grid_result[0])
+    record(f"hierarchical cube ({levels} levels, cache on)",
+           *fit(const, HierarchicalGridSearcher(objectives, "score", "max", levels=levels,
+                                                parameterization="cube", cache=True), -1))
+    n = next(n for n in range(1, 64) if len(simplex_grid(n)) >= budget)
+    record(f"Tune grid search (simplex grid 1/{n})",
+           *fit({**const, "weights": tune.grid_search([dict(zip(objectives, w)) for w in simplex_grid(n)])}))
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {**const, "weights": {o: tune.uniform(0.0, 1.0) for o in objectives}}
+    record(f"Tune random search ({budget} trials)", *fit(space, num_samples=budget))
+    record(f"Optuna TPE ({budget} trials)", *fit(space, OptunaSearch(seed=0, metric="score", mode="max"),
+                                                 num_samples=budget))
+    from ray import serve
+
+    serve.shutdown()
     return out
 
 
@@ -170,7 +207,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one synthetic function, equal budgets only")
     ap.add_argument("--run-dir", type=Path, help="a finished run: also search its real ensemble objective")
     args = ap.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="emorl-search-bench-")
     functions = ["concave"] if args.quick else ["concave", "multimodal"]
     report = {"command": " ".join(["python"] + sys.argv), "synthetic": [compare(f, storage, None if args.quick else 50)
@@ -188,7 +225,14 @@ def main() -> int:
             print(f"| {m['method']} | {m['trials']} | {m['best']:.6f} | {m['gap']:.6f} | "
                   f"{m['trials_to_reach_dense_best'] or '-'} | {m['wall_s']} |")
     if "real" in report:
-        print("\nreal objective:", json.dumps(report["real"], indent=1))
+        r = report["real"]
+        print(f"\nreal ensemble objective ({', '.join(r['objectives'])}): dense 1/8 grid best "
+              f"{r['dense_1_8']['best']:.4f} in {r['dense_1_8']['trials']} trials, {r['dense_1_8']['wall_s']} s")
+        print("| method | trials | best | gap to dense best | trials to reach it | wall s |\n|---|---|---|---|---|---|")
+        for m in r["methods"]:
+            print(f"| {m['method']} | {m['trials']} | {m['best']:.4f} | {m['gap']:.4f} | "
+                  f"{m['trials_to_reach_dense_best'] or '-'} | {m['wall_s']} |")
+        print("simplex search per level, 1 vs 2 trial workers:", json.dumps(r["simplex_per_level_1_vs_2_workers"]))
     first = report["synthetic"][0]
     simplex = first["methods"][0]
     print(json.dumps({"function": first["function"], "simplex_trials": simplex["trials"],

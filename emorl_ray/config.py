@@ -150,6 +150,9 @@ class TrainingConfig:
 
 @dataclass
 class SearchConfig:
+    # How the adapters are combined (ensemble.hidden_state): EMORL's hidden states, or the
+    # logit / parameter comparisons. The search and the evaluation both use it.
+    aggregation: Literal["hidden_state", "logit", "parameter"] = "hidden_state"
     parameterization: Literal["simplex", "cube"] = "simplex"
     levels: int = 4
     cache: bool = True
@@ -160,6 +163,7 @@ class SearchConfig:
     evaluator_cpus: float = 0.5
     evaluator_gpus: float = 0.0
     batch_size: int = 16
+    max_failures: int = 1  # retries of a failed trial before it counts as the worst score
 
 
 @dataclass
@@ -419,6 +423,7 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(se.evaluator_replicas >= 1, "search.evaluator_replicas", "must be >= 1")
     _check(se.evaluator_cpus >= 0, "search.evaluator_cpus", "must be >= 0")
     _check(se.batch_size >= 1, "search.batch_size", "must be >= 1")
+    _check(se.max_failures >= 0, "search.max_failures", "must be >= 0")
     _check(cfg.evaluation.max_new_tokens >= 1, "evaluation.max_new_tokens", "must be >= 1")
     return cfg
 

@@ -91,7 +91,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests
             samples.append({"method": name, "i": i, "prompt": p, "response": r,
                             **{o: res["scores"][o][i] for o in objectives}})
         log.info("eval %-28s average %.4f", name, row["average"])
-    result = {"decoding": "greedy", "split": "test", "methods": table}
+    result = {"decoding": "greedy", "aggregation": cfg.search.aggregation, "split": "test", "methods": table}
     atomic_write_json(run_dir / "eval" / "metrics.json", result)
     write_parquet(run_dir / "eval" / "samples.parquet", samples)
     return result, samples

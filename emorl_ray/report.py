@@ -33,7 +33,7 @@ def write_report(run_dir: Path, cfg, data_summary: dict, manifests: list[dict], 
                       m["converged"], m["final_val_score"]] for m in manifests])
     lines += ["", f"Total: {sum(m['data_points'] for m in manifests)} data points, "
               f"{sum(m['train_seconds'] for m in manifests):.1f} s of training (summed over runs).", "",
-              "## Stage 2+3: hierarchical search of the hidden-state ensemble weights", "",
+              f"## Stage 2+3: hierarchical search of the ensemble weights ({cfg.search.aggregation} aggregation)", "",
               f"{search['parameterization']} parameterisation, {search['levels']} levels, {search['trials']} trials "
               f"({search['failed_trials']} failed). Best validation score {search['best_score']:.4f} at "
               + ", ".join(f"{o}={w:.4f}" for o, w in search["best_weights_normalized"].items())

@@ -36,7 +36,8 @@ class EnsembleEvaluator:
 
     def _generate(self, prompts, weights, max_new_tokens):
         with self._lock:
-            return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size)
+            return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size,
+                                          aggregation=self.cfg.search.aggregation)
 
     async def evaluate(self, weights: dict | None, split: str = "val", max_new_tokens: int | None = None,
                        return_samples: bool = False) -> dict:

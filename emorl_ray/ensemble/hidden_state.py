@@ -1,7 +1,17 @@
-"""Hidden-state aggregation, EMORL's stage 2 (spec §5), from one base model and K LoRA adapters.
+"""Ensemble decoding from one base model and K LoRA adapters (spec §5, §6).
+
+Hidden-state aggregation is EMORL's method; logit and parameter aggregation are the comparisons,
+selected by `aggregation` so that search and evaluation treat all three alike:
+- "hidden_state": h = sum_i w_i h_i, then the shared LM head (below);
+- "logit": every adapter's next-token distribution on the SAME shared prefix, mixed as
+  p = sum_i (w_i / sum w) p_i (a proper ensemble; the authors mixed independently sampled paths);
+- "parameter": one merged adapter with delta W = sum_i w_i B_i A_i exactly (peft's "cat"
+  combination, not averaged A and B factors), then plain decoding. Unlike the other two, it is
+  not invariant to scaling w.
 
 At every decoding step all adapters run on the same prefix in ONE batched forward: the batch is
-repeated once per adapter and peft's `adapter_names` routes each row through its own adapter.
+repeated once per adapter (adapter-major blocks) and every LoRA layer applies all K adapters to
+their blocks in one batched product (`_StackedLoRA`; peft's mixed-adapter batches otherwise).
 Each adapter's last hidden state (the LM-head input: after the final norm, and after T5's
 d_model^-0.5 rescale where HF applies it) is combined, h = sum_i w_i h_i, and the shared LM head
 picks the next token, which is fed to every row. KV cache per row, encoder run once (seq2seq),
@@ -10,6 +20,7 @@ a per-sequence finished mask (nothing after EOS leaks), stop when every sequence
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Sequence
 
@@ -18,6 +29,8 @@ import torch
 from emorl_ray.models import Policy
 
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
+MERGED = "__merged__"
+AGGREGATIONS = ("hidden_state", "logit", "parameter")
 
 
 class WeightError(ValueError):
@@ -42,6 +55,66 @@ class _LMHeadInput:
 
     def __exit__(self, *exc):
         self._handle.remove()
+
+
+class _StackedLoRA:
+    """All K adapters in one batched LoRA product per layer, for adapter-major row blocks.
+
+    peft's mixed-adapter batches (`adapter_names=`) gather and scatter every adapter's rows in
+    every LoRA layer at every step, in Python; with K contiguous row blocks the whole LoRA term is
+    two batched matmuls: delta = bmm(bmm(x_k, A_k^T), (s_k B_k)^T). Inside this context peft
+    computes only the base layers (`disable_adapter`) and a forward hook on each LoRA layer adds
+    the stacked term. Adapters of different rank are zero-padded to the largest rank.
+    """
+
+    def __init__(self, model, names: list[str]):
+        self.model, self.names = model, names
+        self.layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+                       and isinstance(m.base_layer, torch.nn.Linear)]
+
+    @staticmethod
+    def supported(model, names: list[str]) -> bool:
+        for m in model.modules():
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+                if not isinstance(m.base_layer, torch.nn.Linear) or any(n in m.lora_variant for n in names):
+                    return False
+            if hasattr(m, "lora_embedding_A") and any(n in m.lora_embedding_A for n in names):
+                return False
+        return True
+
+    def _stacks(self, m):
+        base = m.base_layer.weight
+        r = max(m.lora_A[n].weight.shape[0] for n in self.names if n in m.lora_A)
+        A = base.new_zeros(len(self.names), base.shape[1], r)
+        B = base.new_zeros(len(self.names), r, base.shape[0])
+        for k, n in enumerate(self.names):
+            if n in m.lora_A:
+                a, b = m.lora_A[n].weight, m.lora_B[n].weight
+                A[k, :, :a.shape[0]] = a.t()
+                B[k, :b.shape[1], :] = (b * m.scaling[n]).t()
+        return A, B
+
+    def __enter__(self):
+        import contextlib
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.model.disable_adapter())
+        K = len(self.names)
+        for m in self.layers:
+            if not any(n in m.lora_A for n in self.names):
+                continue
+            A, B = self._stacks(m)
+
+            def hook(mod, args, out, A=A, B=B):
+                x = args[0]
+                delta = torch.bmm(torch.bmm(x.reshape(K, -1, x.shape[-1]).to(A.dtype), A), B)
+                return out + delta.view(out.shape).to(out.dtype)
+
+            self._stack.callback(m.register_forward_hook(hook).remove)
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
 
 
 def choose_token(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, top_k: int = 0,
@@ -102,22 +175,35 @@ class AdapterEnsemble:
     @torch.no_grad()
     def generate(self, prompts: list[str], weights: Mapping[str, float] | Sequence[float] | None,
                  max_new_tokens: int, batch_size: int = 16, greedy: bool = True, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 aggregation: str = "hidden_state") -> list[str]:
         """`weights=None` generates with the base model (all adapters off), through the same loop."""
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if weights is None:
             active = [(BASE, 1.0)]
         else:
-            # An adapter with weight 0 adds exactly nothing to h: skip its rows.
+            # An adapter with weight 0 adds exactly nothing (to h, p or delta W): skip it.
             active = [(n, w) for n, w in zip(self.names, self.check_weights(weights)) if w > 0]
+        merged = aggregation == "parameter" and weights is not None
+        if merged:
+            self.model.add_weighted_adapter([n for n, _ in active], [w for _, w in active], MERGED,
+                                            combination_type="cat")
+            active = [(MERGED, 1.0)]
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         texts = []
-        for i in range(0, len(prompts), batch_size):
-            ids = self._generate_ids(prompts[i:i + batch_size], active, max_new_tokens, greedy,
-                                     temperature, top_k, top_p, gen)
-            texts.extend(self.policy.decode(ids))
+        try:
+            for i in range(0, len(prompts), batch_size):
+                ids = self._generate_ids(prompts[i:i + batch_size], active, max_new_tokens, greedy,
+                                         temperature, top_k, top_p, gen, mix_logits=aggregation == "logit")
+                texts.extend(self.policy.decode(ids))
+        finally:
+            if merged:
+                self.model.delete_adapter(MERGED)
         return texts
 
-    def _generate_ids(self, prompts, active, max_new_tokens, greedy, temperature, top_k, top_p, gen):
+    def _generate_ids(self, prompts, active, max_new_tokens, greedy, temperature, top_k, top_p, gen,
+                      mix_logits=False):
         policy, model = self.policy, self.model
         K, B = len(active), len(prompts)
         dev = policy.device
@@ -128,21 +214,36 @@ class AdapterEnsemble:
         head = model.get_output_embeddings()
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         tokens = []
-        with _LMHeadInput(model) as cap:
+        names = [name for name, _ in active]
+        if names == [BASE]:
+            routing, kw = self.model.disable_adapter(), {}
+        elif _StackedLoRA.supported(model, names):
+            routing, kw = _StackedLoRA(model, names), {}
+        else:  # LoRA variants / embedding adapters: peft's own (slower) mixed-adapter batches
+            routing, kw = contextlib.nullcontext(), {"adapter_names": rows}
+        with _LMHeadInput(model) as cap, routing:
             if policy.is_seq2seq:
                 start = torch.full((K * B, 1), model.config.decoder_start_token_id, device=dev)
                 out = model(input_ids=enc["input_ids"].repeat(K, 1), attention_mask=attn,
-                            decoder_input_ids=start, adapter_names=rows, use_cache=True)
+                            decoder_input_ids=start, use_cache=True, **kw)
                 encoder_outputs = (out.encoder_last_hidden_state,)
             else:
                 pos = (attn.cumsum(1) - 1).clamp(min=0)
                 out = model(input_ids=enc["input_ids"].repeat(K, 1), attention_mask=attn, position_ids=pos,
-                            adapter_names=rows, use_cache=True, logits_to_keep=1)
+                            use_cache=True, logits_to_keep=1, **kw)
             for _ in range(max_new_tokens):
-                h = (w * cap.value[:, -1].view(K, B, -1).to(w.dtype)).sum(0)   # h = sum_i w_i h_i
+                rows_h = cap.value[:, -1]
                 # F.linear, not head(): the capture hook sits on head's forward.
-                logits = torch.nn.functional.linear(h.to(head.weight.dtype), head.weight, head.bias).float()
-                nxt = choose_token(logits, greedy, temperature, top_k, top_p, gen).to(dev)
+                if mix_logits:   # p = sum_i w_i p_i on the shared prefix, as log-probs for choose_token
+                    logp = torch.nn.functional.linear(rows_h, head.weight, head.bias).float()
+                    logp = (logp / temperature).log_softmax(-1).view(K, B, -1)
+                    logits = torch.logsumexp(logp + (w / w.sum()).log().to(logp.dtype), dim=0)
+                    step_temperature = 1.0
+                else:            # h = sum_i w_i h_i, one projection
+                    h = (w * rows_h.view(K, B, -1).to(w.dtype)).sum(0)
+                    logits = torch.nn.functional.linear(h.to(head.weight.dtype), head.weight, head.bias).float()
+                    step_temperature = temperature
+                nxt = choose_token(logits, greedy, step_temperature, top_k, top_p, gen).to(dev)
                 nxt = nxt.masked_fill(finished, policy.pad_token_id)
                 tokens.append(nxt)
                 finished |= nxt == policy.eos_token_id
@@ -151,11 +252,10 @@ class AdapterEnsemble:
                 step = nxt.repeat(K).unsqueeze(1)
                 if policy.is_seq2seq:
                     out = model(encoder_outputs=encoder_outputs, attention_mask=attn, decoder_input_ids=step,
-                                past_key_values=out.past_key_values, adapter_names=rows, use_cache=True)
+                                past_key_values=out.past_key_values, use_cache=True, **kw)
                 else:
                     attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
                     pos = pos[:, -1:] + 1
                     out = model(input_ids=step, attention_mask=attn, position_ids=pos,
-                                past_key_values=out.past_key_values, adapter_names=rows, use_cache=True,
-                                logits_to_keep=1)
+                                past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1, **kw)
         return torch.stack(tokens, 1)

