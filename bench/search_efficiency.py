@@ -147,7 +147,11 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     out = {"objectives": objectives, "levels": levels, "methods": []}
     # Simplex search with 1 and 2 evaluator replicas (trial workers): per-level wall time.
     workers = {}
+    from ray import serve
+
     for replicas in (1, 2):
+        if replicas == 2:  # a rolling update would need room for both versions at once
+            serve.delete(APP_NAME)
         cfg.search.evaluator_replicas = replicas
         cfg.search.evaluator_cpus = 0.8 if replicas == 2 else 1.5
         deploy_evaluator(cfg, adapters)
@@ -163,6 +167,7 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
         if replicas == 1:
             simplex_grid_result = (grid, wall)
     out["simplex_per_level_1_vs_2_workers"] = workers
+    serve.delete(APP_NAME)
     cfg.search.evaluator_replicas, cfg.search.evaluator_cpus = 1, 1.5
     deploy_evaluator(cfg, adapters)
     dense, dense_wall = fit({**const, "weights": tune.grid_search(
@@ -196,8 +201,6 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     record(f"Tune random search ({budget} trials)", *fit(space, num_samples=budget))
     record(f"Optuna TPE ({budget} trials)", *fit(space, OptunaSearch(seed=0, metric="score", mode="max"),
                                                  num_samples=budget))
-    from ray import serve
-
     serve.shutdown()
     return out
 

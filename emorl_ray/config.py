@@ -173,6 +173,20 @@ class EvaluationConfig:
 
 
 @dataclass
+class ServingConfig:
+    """The HTTP ensemble endpoint (`jobs/serve_ensemble.py`): where it listens, what it accepts."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/emorl"
+    max_prompts: int = 16
+    max_prompt_chars: int = 2000
+    max_new_tokens: int = 128
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     output_dir: str = "runs"
@@ -185,6 +199,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -425,6 +440,11 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(se.batch_size >= 1, "search.batch_size", "must be >= 1")
     _check(se.max_failures >= 0, "search.max_failures", "must be >= 0")
     _check(cfg.evaluation.max_new_tokens >= 1, "evaluation.max_new_tokens", "must be >= 1")
+    sv = cfg.serving
+    _check(1 <= sv.port <= 65535, "serving.port", "must be a TCP port (1-65535)")
+    _check(sv.route_prefix.startswith("/"), "serving.route_prefix", "must start with '/'")
+    for name in ("max_prompts", "max_prompt_chars", "max_new_tokens", "num_replicas"):
+        _check(getattr(sv, name) >= 1, f"serving.{name}", "must be >= 1")
     return cfg
 
 

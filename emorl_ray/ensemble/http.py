@@ -1,0 +1,153 @@
+"""The ensemble over HTTP: per-request weights (personalisation without retraining).
+
+POST <route_prefix>/generate with JSON
+    {"prompts": "text" | ["text", ...],                  required
+     "weights": {"<objective>": w, ...} | [w, ...],      required, finite, >= 0, not all zero
+     "max_new_tokens": int, "greedy": bool, "temperature": float, "top_k": int, "top_p": float,
+     "seed": int}
+answers {"responses": [...], "weights": {...normalised...}, "aggregation": "..."}.
+Malformed JSON is a 400; every invalid field a 422 naming it; too many or too long prompts a 413.
+Concurrent requests are batched by `@serve.batch`; requests with the same weights and settings
+share one decode.
+"""
+
+
+import asyncio
+import math
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from emorl_ray.config import config_from_dict
+
+api = FastAPI(title="emorl-ray ensemble")
+HTTP_APP = "emorl-ensemble-http"
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def _number(body: dict, key: str, default, kind, lo, hi):
+    v = body.get(key, default)
+    if kind is bool:
+        if not isinstance(v, bool):
+            raise BadRequest(422, f"{key}: must be true or false")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise BadRequest(422, f"{key}: must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise BadRequest(422, f"{key}: must be in [{lo}, {hi}], got {v!r}")
+    return kind(v)
+
+
+def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float], dict]:
+    """Validate a request body; raises BadRequest with the field and the fix."""
+    if not isinstance(body, dict):
+        raise BadRequest(422, "the body must be a JSON object with `prompts` and `weights`")
+    unknown = set(body) - {"prompts", "weights", "max_new_tokens", "greedy", "temperature", "top_k", "top_p", "seed"}
+    if unknown:
+        raise BadRequest(422, f"unknown fields {sorted(unknown)}")
+    prompts = body.get("prompts")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise BadRequest(422, "prompts: a non-empty string or a non-empty list of non-empty strings")
+    if len(prompts) > limits.max_prompts:
+        raise BadRequest(413, f"prompts: at most {limits.max_prompts} per request, got {len(prompts)}")
+    too_long = [i for i, p in enumerate(prompts) if len(p) > limits.max_prompt_chars]
+    if too_long:
+        raise BadRequest(413, f"prompts {too_long[:5]}: longer than {limits.max_prompt_chars} characters")
+    w = body.get("weights")
+    if isinstance(w, dict):
+        if set(w) != set(names):
+            raise BadRequest(422, f"weights: give exactly the objectives {names}, got {sorted(w)}")
+        w = [w[n] for n in names]
+    if not isinstance(w, list) or len(w) != len(names):
+        raise BadRequest(422, f"weights: a list of {len(names)} numbers or an object over {names}")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
+        raise BadRequest(422, "weights: every weight must be a number")
+    if not all(math.isfinite(x) for x in w):
+        raise BadRequest(422, "weights: must be finite")
+    if any(x < 0 for x in w):
+        raise BadRequest(422, "weights: must be >= 0")
+    if sum(w) <= 0:
+        raise BadRequest(422, "weights: at least one must be positive")
+    settings = {
+        "max_new_tokens": _number(body, "max_new_tokens", min(64, limits.max_new_tokens), int, 1, limits.max_new_tokens),
+        "greedy": _number(body, "greedy", True, bool, 0, 1),
+        "temperature": _number(body, "temperature", 1.0, float, 1e-3, 100.0),
+        "top_k": _number(body, "top_k", 0, int, 0, 1_000_000),
+        "top_p": _number(body, "top_p", 1.0, float, 1e-6, 1.0),
+        "seed": _number(body, "seed", 0, int, 0, 2**31 - 1),
+    }
+    return [p for p in prompts], [float(x) for x in w], settings
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(api)
+class EnsembleHTTP:
+    def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu"):
+        from emorl_ray.ensemble.hidden_state import AdapterEnsemble
+        from emorl_ray.models import Policy, use_reserved_cpus
+
+        cfg = config_from_dict(experiment)
+        use_reserved_cpus(cfg.serving.num_cpus)
+        self.cfg = cfg
+        self.ensemble = AdapterEnsemble(Policy(cfg.model, device), adapters)
+        self._lock = threading.Lock()
+
+    def _decode(self, prompts, weights, s):
+        with self._lock:
+            return self.ensemble.generate(prompts, weights, s["max_new_tokens"], batch_size=len(prompts),
+                                          greedy=s["greedy"], temperature=s["temperature"], top_k=s["top_k"],
+                                          top_p=s["top_p"], seed=None if s["greedy"] else s["seed"],
+                                          aggregation=self.cfg.search.aggregation)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list[tuple]) -> list[list[str]]:
+        # Requests with the same weights and settings share one decode.
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, w, s) in enumerate(requests):
+            groups.setdefault((tuple(w), tuple(sorted(s.items()))), []).append(i)
+        out: list = [None] * len(requests)
+        for idx in groups.values():
+            w, s = requests[idx[0]][1], requests[idx[0]][2]
+            prompts = [p for i in idx for p in requests[i][0]]
+            texts = await asyncio.to_thread(self._decode, prompts, w, s)
+            pos = 0
+            for i in idx:
+                n = len(requests[i][0])
+                out[i], pos = texts[pos:pos + n], pos + n
+        return out
+
+    @api.post("/generate")
+    async def generate(self, request: Request):
+        try:
+            body = await request.json()
+        except Exception:
+            return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
+        try:
+            prompts, w, settings = parse_request(body, self.ensemble.names, self.cfg.serving)
+        except BadRequest as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
+        texts = await self._batched((prompts, w, settings))
+        total = sum(w)
+        return {"responses": texts, "weights": {n: x / total for n, x in zip(self.ensemble.names, w)},
+                "aggregation": self.cfg.search.aggregation}
+
+    @api.get("/healthz")
+    async def health(self):
+        return {"status": "ok", "adapters": self.ensemble.names}
+
+
+def deploy_http(cfg, adapters: dict[str, str]):
+    sv = cfg.serving
+    device = "cuda" if sv.num_gpus > 0 else "cpu"
+    app = EnsembleHTTP.options(num_replicas=sv.num_replicas,
+                               ray_actor_options={"num_cpus": sv.num_cpus, "num_gpus": sv.num_gpus}
+                               ).bind(cfg.to_dict(), adapters, device)
+    return serve.run(app, name=HTTP_APP, route_prefix=sv.route_prefix)

@@ -1,0 +1,65 @@
+"""Serve a finished run's ensemble over HTTP, with weights chosen per request.
+
+    python jobs/serve_ensemble.py --run-dir runs/default
+    curl -s 127.0.0.1:8000/emorl/generate -H 'content-type: application/json' \\
+        -d '{"prompts": ["I feel stuck at work."], "weights": {"reflection": 0.6, "empathy": 0.3, "fluency": 0.1}}'
+
+Binds to 127.0.0.1 unless `serving.host` (or --host) says otherwise. Ctrl-C stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from emorl_ray.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", type=Path, required=True, help="a run directory written by jobs/train_all.py")
+    ap.add_argument("--host", help="override serving.host")
+    ap.add_argument("--port", type=int, help="override serving.port")
+    args = ap.parse_args(argv)
+    manifest = args.run_dir / "training" / "manifest.json"
+    if not (args.run_dir / "config.yaml").exists() or not manifest.exists():
+        print(f"error: --run-dir {args.run_dir}: no config.yaml and training/manifest.json; "
+              "point it at a finished jobs/train_all.py run", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("serving.host", args.host), ("serving.port", args.port)) if v is not None}
+    try:
+        cfg = load_config(args.run_dir / "config.yaml", overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    runs = json.loads(manifest.read_text())["runs"]
+    adapters = {m["name"]: m["adapter_path"] for m in runs if m["seed"] == cfg.training.seeds[0]}
+
+    import ray
+    from ray import serve
+
+    from emorl_ray.ensemble.http import deploy_http
+    from emorl_ray.pipeline import connect_ray
+
+    connect_ray()
+    serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
+    deploy_http(cfg, adapters)
+    url = f"http://{cfg.serving.host}:{cfg.serving.port}{cfg.serving.route_prefix}/generate"
+    print(f"ensemble of {list(adapters)} serving at {url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
