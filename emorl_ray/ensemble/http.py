@@ -11,7 +11,7 @@ Concurrent requests are batched by `@serve.batch`; requests with the same weight
 share one decode.
 """
 
-
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` type.
 import asyncio
 import math
 import threading
