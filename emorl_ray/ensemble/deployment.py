@@ -16,18 +16,24 @@ from emorl_ray.config import config_from_dict
 APP_NAME = "emorl-ensemble"
 
 
+def load_ensemble(cfg, adapters: dict[str, str], device: str, num_cpus: float):
+    """Base model + adapters for a Serve replica, using the CPU threads the replica reserved."""
+    from emorl_ray.ensemble.hidden_state import AdapterEnsemble
+    from emorl_ray.models import Policy, use_reserved_cpus
+
+    use_reserved_cpus(num_cpus)
+    return AdapterEnsemble(Policy(cfg.model, device), adapters)
+
+
 @serve.deployment(max_ongoing_requests=16)
 class EnsembleEvaluator:
     def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu"):
         from emorl_ray.data import load_splits
-        from emorl_ray.ensemble.hidden_state import AdapterEnsemble
-        from emorl_ray.models import Policy, use_reserved_cpus
         from emorl_ray.rewards.serve import ServeRewards
 
         cfg = config_from_dict(experiment)
-        use_reserved_cpus(cfg.search.evaluator_cpus)
         self.cfg = cfg
-        self.ensemble = AdapterEnsemble(Policy(cfg.model, device), adapters)
+        self.ensemble = load_ensemble(cfg, adapters, device, cfg.search.evaluator_cpus)
         splits = load_splits(cfg.data)
         self.prompts = {"val": [r["prompt"] for r in splits.val], "test": [r["prompt"] for r in splits.test]}
         self.rewards = ServeRewards(cfg.objective_names)

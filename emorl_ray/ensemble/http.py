@@ -91,13 +91,10 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
 @serve.ingress(api)
 class EnsembleHTTP:
     def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu"):
-        from emorl_ray.ensemble.hidden_state import AdapterEnsemble
-        from emorl_ray.models import Policy, use_reserved_cpus
+        from emorl_ray.ensemble.deployment import load_ensemble
 
-        cfg = config_from_dict(experiment)
-        use_reserved_cpus(cfg.serving.num_cpus)
-        self.cfg = cfg
-        self.ensemble = AdapterEnsemble(Policy(cfg.model, device), adapters)
+        self.cfg = config_from_dict(experiment)
+        self.ensemble = load_ensemble(self.cfg, adapters, device, self.cfg.serving.num_cpus)
         self._lock = threading.Lock()
 
     def _decode(self, prompts, weights, s):
