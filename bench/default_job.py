@@ -1,7 +1,9 @@
 """Wall time and peak memory of the main job (`jobs/train_all.py`) on this machine.
 
-Runs the job as a subprocess and samples, every second, the summed resident memory of every
-process in its tree plus every Ray process it started (raylet, GCS, workers, Serve replicas).
+Runs the job as a subprocess and samples, every second, the summed proportional set size (PSS:
+shared pages split between the processes that map them, so Ray's shared memory and the shared
+libraries are not counted once per process) of every process in its tree plus every Ray process
+it started (raylet, GCS, workers, Serve replicas).
 Writes bench/results/default_job.json and prints a table.
 
     python bench/default_job.py [--config configs/default.yaml] [--output-dir /tmp/bench-runs]
@@ -23,7 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(root: psutil.Process) -> int:
+def tree_pss(root: psutil.Process) -> int:
     procs = {root.pid: root}
     try:
         for p in root.children(recursive=True):
@@ -37,7 +39,7 @@ def tree_rss(root: psutil.Process) -> int:
     total = 0
     for p in procs.values():
         try:
-            total += p.memory_info().rss
+            total += p.memory_full_info().pss
         except psutil.Error:
             pass
     return total
@@ -61,7 +63,7 @@ def main() -> int:
     with open(log_path, "w") as log:
         os.set_blocking(proc.stdout.fileno(), False)
         while proc.poll() is None:
-            peak = max(peak, tree_rss(ps))
+            peak = max(peak, tree_pss(ps))
             chunk = proc.stdout.read()
             if chunk:
                 log.write(chunk)
@@ -71,14 +73,14 @@ def main() -> int:
     run_dir = Path(args.output_dir) / args.name
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     result = {"command": " ".join(cmd), "exit_code": proc.returncode, "wall_s": round(wall, 1),
-              "peak_rss_gib": round(peak / 2**30, 2), "cpus": os.cpu_count(),
+              "peak_pss_gib": round(peak / 2**30, 2), "cpus": os.cpu_count(),
               "machine": platform.platform(), "stage_timings_s": summary.get("timings"),
               "best_val_score": summary.get("best_val_score"), "log": str(log_path)}
     out = ROOT / "bench" / "results" / "default_job.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("| metric | value |\n|---|---|")
-    for k in ("exit_code", "wall_s", "peak_rss_gib", "cpus"):
+    for k in ("exit_code", "wall_s", "peak_pss_gib", "cpus"):
         print(f"| {k} | {result[k]} |")
     for k, v in (result["stage_timings_s"] or {}).items():
         print(f"| {k} | {v:.1f} |")

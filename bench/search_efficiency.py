@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -140,8 +141,9 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
                           run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
         return grid, time.time() - t0
 
-    def ordered(grid):
-        rows = [r for r in grid if r.metrics and r.metrics.get("score") is not None]
+    def ordered(grid):  # finished trials with a finite score, in finishing order
+        rows = [r for r in grid if r.metrics and r.metrics.get("score") is not None
+                and math.isfinite(r.metrics["score"])]
         return sorted(rows, key=lambda r: r.metrics["timestamp"])
 
     out = {"objectives": objectives, "levels": levels, "methods": []}

@@ -36,11 +36,10 @@ def connect_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
+    if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it; the job's runtime_env applies
+        ray.init()
         return False
-    ray.init(dashboard_host="127.0.0.1", runtime_env=runtime_env)
+    ray.init(dashboard_host="127.0.0.1", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     return True
 
 
@@ -50,6 +49,7 @@ def run(cfg: ExperimentConfig) -> dict:
     from emorl_ray.data import load_splits
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.evaluation import evaluate
+    from emorl_ray.models import model_kind, resolve
     from emorl_ray.report import write_report
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.search.run import run_search
@@ -58,8 +58,6 @@ def run(cfg: ExperimentConfig) -> dict:
     t_start = time.time()
     # Everything that can fail on bad input fails here, before Ray starts.
     splits = load_splits(cfg.data)
-    from emorl_ray.models import model_kind, resolve
-
     # Converts a GGUF once, here in the driver, and checks that the model config loads.
     model_kind(resolve(cfg.model.id, cfg.model.gguf_file, cfg.model.cache_dir), cfg.model)
     run_dir = prepare_run_dir(cfg)
