@@ -61,9 +61,10 @@ def run_tune(trainable, param_space, search_alg=None, num_samples=1, concurrency
         run_config=tune.RunConfig(storage_path=storage, verbose=0))
     grid = tuner.fit()
     wall = time.time() - t0
-    rows = sorted(({"score": r.metrics.get("score"), "t": r.metrics.get("finished_at", 0.0),
-                    "weights": r.config["weights"]} for r in grid if r.metrics), key=lambda x: x["t"])
-    return {"rows": rows, "wall_s": round(wall, 2)}
+    rows = sorted(({"score": r.metrics.get("score"), "weights": r.config["weights"],
+                    "t": r.metrics.get("finished_at", r.metrics.get("timestamp", 0.0))}
+                   for r in grid if r.metrics), key=lambda x: x["t"])
+    return {"rows": rows, "wall_s": round(wall, 2), "grid": grid}
 
 
 def summarise(name: str, out: dict, reference: float) -> dict:
@@ -82,36 +83,44 @@ def summarise(name: str, out: dict, reference: float) -> dict:
             "trials_to_reach_dense_best": reach, "wall_s": out["wall_s"], "best_weights": bw}
 
 
-def hierarchical(param, levels, cache):
-    return HierarchicalGridSearcher(OBJECTIVES, "score", "max", levels=levels, parameterization=param, cache=cache)
+def hierarchical(objectives, param, levels, cache):
+    return HierarchicalGridSearcher(objectives, "score", "max", levels=levels, parameterization=param, cache=cache)
+
+
+def compare_methods(trainable, const: dict, objectives: list[str], levels: int, reference: float, storage: str,
+                    concurrency: int, cube_caches=(False, True), extra_budgets=(), simplex: dict | None = None):
+    """Every method on one objective; random and TPE get the simplex search's trial budget."""
+    def run(space, alg=None, n=1):
+        return run_tune(trainable, space, alg, n, concurrency, storage)
+
+    simplex = simplex or run(const, hierarchical(objectives, "simplex", levels, True), -1)
+    results = [summarise(f"hierarchical simplex ({levels} levels)", simplex, reference)]
+    budget = results[0]["trials"]
+    for cache in cube_caches:
+        out = run(const, hierarchical(objectives, "cube", levels, cache), -1)
+        results.append(summarise(f"hierarchical cube ({levels} levels, cache {'on' if cache else 'off'})",
+                                 out, reference))
+    # Tune's own grid search over the coarsest simplex grid with at least the simplex budget.
+    n = next(n for n in range(1, 64) if len(simplex_grid(n, len(objectives))) >= budget)
+    grid = [dict(zip(objectives, w)) for w in simplex_grid(n, len(objectives))]
+    results.append(summarise(f"Tune grid search (simplex grid 1/{n})",
+                             run({**const, "weights": tune.grid_search(grid)}), reference))
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {**const, "weights": {o: tune.uniform(0.0, 1.0) for o in objectives}}
+    for b in (budget, *extra_budgets):
+        results.append(summarise(f"Tune random search ({b} trials)", run(space, n=b), reference))
+        results.append(summarise(f"Optuna TPE ({b} trials)", run(space, OptunaSearch(seed=0), b), reference))
+    return results
 
 
 def compare(function: str, storage: str, budget_extra: int | None) -> dict:
     f = FUNCTIONS[function]
     dense = simplex_grid(32)
     reference = max(f(w) for w in dense)
-    const = {"function": function}
-    results = []
-    out = run_tune(timed_trial, const, hierarchical("simplex", 5, True), -1, storage=storage)
-    results.append(summarise("hierarchical simplex (5 levels)", out, reference))
-    budget = results[0]["trials"]
-    for cache in (False, True):
-        out = run_tune(timed_trial, const, hierarchical("cube", 5, cache), -1, storage=storage)
-        results.append(summarise(f"hierarchical cube (5 levels, cache {'on' if cache else 'off'})", out, reference))
-    # Tune's own grid search over the coarsest simplex grid with at least the simplex budget.
-    n = next(n for n in range(1, 64) if len(simplex_grid(n)) >= budget)
-    grid = [dict(zip(OBJECTIVES, w)) for w in simplex_grid(n)]
-    out = run_tune(timed_trial, {**const, "weights": tune.grid_search(grid)}, storage=storage)
-    results.append(summarise(f"Tune grid search (simplex grid 1/{n})", out, reference))
-    from ray.tune.search.optuna import OptunaSearch
-
-    for b in [budget] + ([budget_extra] if budget_extra else []):
-        space = {**const, "weights": {o: tune.uniform(0.0, 1.0) for o in OBJECTIVES}}
-        out = run_tune(timed_trial, space, num_samples=b, storage=storage)
-        results.append(summarise(f"Tune random search ({b} trials)", out, reference))
-        out = run_tune(timed_trial, space, OptunaSearch(seed=0), num_samples=b, storage=storage)
-        results.append(summarise(f"Optuna TPE ({b} trials)", out, reference))
-    return {"function": function, "dense_grid_points": len(dense), "dense_best": reference, "methods": results}
+    methods = compare_methods(timed_trial, {"function": function}, OBJECTIVES, 5, reference, storage, 8,
+                              extra_budgets=(budget_extra,) if budget_extra else ())
+    return {"function": function, "dense_grid_points": len(dense), "dense_best": reference, "methods": methods}
 
 
 def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
@@ -131,78 +140,40 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     objectives = cfg.objective_names
     deploy_scorers(cfg)
     const = {"app": APP_NAME, "max_new_tokens": cfg.search.max_new_tokens}
-    trainable = tune.with_resources(evaluate_weights, {"cpu": 0.01})
 
-    def fit(param_space, search_alg=None, num_samples=1, concurrency=2):
-        t0 = time.time()
-        grid = tune.Tuner(trainable, param_space=param_space,
-                          tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
-                                                      max_concurrent_trials=concurrency),
-                          run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
-        return grid, time.time() - t0
-
-    def ordered(grid):  # finished trials with a finite score, in finishing order
-        rows = [r for r in grid if r.metrics and r.metrics.get("score") is not None
-                and math.isfinite(r.metrics["score"])]
-        return sorted(rows, key=lambda r: r.metrics["timestamp"])
-
-    out = {"objectives": objectives, "levels": levels, "methods": []}
+    out = {"objectives": objectives, "levels": levels}
     # Simplex search with 1 and 2 evaluator replicas (trial workers): per-level wall time.
-    workers = {}
     from ray import serve
 
+    workers = {}
     for replicas in (1, 2):
         if replicas == 2:  # a rolling update would need room for both versions at once
             serve.delete(APP_NAME)
         cfg.search.evaluator_replicas = replicas
         cfg.search.evaluator_cpus = 0.8 if replicas == 2 else 1.5
         deploy_evaluator(cfg, adapters)
-        grid, wall = fit(const, HierarchicalGridSearcher(objectives, "score", "max", levels=levels), -1, 2 * replicas)
+        res = run_tune(evaluate_weights, const, hierarchical(objectives, "simplex", levels, True), -1,
+                       2 * replicas, storage)
         per_level = {}
-        for r in grid:
+        for r in res["grid"]:
             lv = r.config["level"]
             start, end = r.metrics["timestamp"] - r.metrics["time_total_s"], r.metrics["timestamp"]
             a, b = per_level.get(lv, (start, end))
             per_level[lv] = (min(a, start), max(b, end))
-        workers[replicas] = {"wall_s": round(wall, 1), "trials": len(grid),
+        workers[replicas] = {"wall_s": round(res["wall_s"], 1), "trials": len(res["rows"]),
                              "per_level_wall_s": {lv: round(b - a, 1) for lv, (a, b) in sorted(per_level.items())}}
         if replicas == 1:
-            simplex_grid_result = (grid, wall)
+            simplex = res
     out["simplex_per_level_1_vs_2_workers"] = workers
     serve.delete(APP_NAME)
     cfg.search.evaluator_replicas, cfg.search.evaluator_cpus = 1, 1.5
     deploy_evaluator(cfg, adapters)
-    dense, dense_wall = fit({**const, "weights": tune.grid_search(
-        [dict(zip(objectives, w)) for w in simplex_grid(8, len(objectives))])})
-    reference = max(r.metrics["score"] for r in ordered(dense))
-    out["dense_1_8"] = {"trials": len(dense), "best": reference, "wall_s": round(dense_wall, 1)}
-
-    def record(name, grid, wall):
-        rows = ordered(grid)
-        scores = [r.metrics["score"] for r in rows]
-        best = max(scores)
-        running, reach = float("-inf"), None
-        for i, sc in enumerate(scores, 1):
-            running = max(running, sc)
-            if reach is None and running >= reference - 1e-9:
-                reach = i
-        out["methods"].append({"method": name, "trials": len(grid), "best": best, "gap": reference - best,
-                               "trials_to_reach_dense_best": reach, "wall_s": round(wall, 1)})
-
-    record(f"hierarchical simplex ({levels} levels)", *simplex_grid_result)
-    budget = len(simplex_grid_result[0])
-    record(f"hierarchical cube ({levels} levels, cache on)",
-           *fit(const, HierarchicalGridSearcher(objectives, "score", "max", levels=levels,
-                                                parameterization="cube", cache=True), -1))
-    n = next(n for n in range(1, 64) if len(simplex_grid(n)) >= budget)
-    record(f"Tune grid search (simplex grid 1/{n})",
-           *fit({**const, "weights": tune.grid_search([dict(zip(objectives, w)) for w in simplex_grid(n)])}))
-    from ray.tune.search.optuna import OptunaSearch
-
-    space = {**const, "weights": {o: tune.uniform(0.0, 1.0) for o in objectives}}
-    record(f"Tune random search ({budget} trials)", *fit(space, num_samples=budget))
-    record(f"Optuna TPE ({budget} trials)", *fit(space, OptunaSearch(seed=0, metric="score", mode="max"),
-                                                 num_samples=budget))
+    dense = run_tune(evaluate_weights, {**const, "weights": tune.grid_search(
+        [dict(zip(objectives, w)) for w in simplex_grid(8, len(objectives))])}, concurrency=2, storage=storage)
+    reference = max(r["score"] for r in dense["rows"] if r["score"] is not None and math.isfinite(r["score"]))
+    out["dense_1_8"] = {"trials": len(dense["rows"]), "best": reference, "wall_s": round(dense["wall_s"], 1)}
+    out["methods"] = compare_methods(evaluate_weights, const, objectives, levels, reference, storage, 2,
+                                     cube_caches=(True,), simplex=simplex)
     serve.shutdown()
     return out
 

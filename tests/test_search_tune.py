@@ -1,6 +1,5 @@
 """The hierarchical searcher inside real Ray Tune experiments (synthetic objective)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import ray
 from ray import tune
 
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher
+from emorl_ray.search.run import searcher_state
 from emorl_ray.search.synthetic import FUNCTIONS, synthetic_trial
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ def test_failing_trial_is_retried_then_scored_worst(local_ray, tmp_path):
     tuner = _tuner(searcher, tmp_path, "failing", {"fail_on": [[0.0, 0.0, 1.0]]}, max_failures=1)
     grid = tuner.fit()
     assert len(grid) == 9 and len(grid.errors) == 1  # the search went on past the failure
-    state = json.loads(sorted((tmp_path / "failing").glob("searcher-state-*.pkl"))[-1].read_text())
+    state = searcher_state(tmp_path / "failing")
     assert state["finished"] and state["scores"]["0,0,1"] is None
 
 
@@ -78,8 +78,13 @@ def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
         finished = [p for p in exp.glob("synthetic_trial_*/result.json") if p.stat().st_size > 0]
         if len(finished) >= 8 and list(exp.glob("searcher-state-*.pkl")):
             break
+        if proc.poll() is not None:  # the first run died on its own: no point waiting
+            break
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
     proc.wait()
     assert len(finished) >= 8, "the first run did not get far enough"
     time.sleep(3)

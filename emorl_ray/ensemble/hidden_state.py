@@ -69,8 +69,10 @@ class _StackedLoRA:
 
     def __init__(self, model, names: list[str]):
         self.model, self.names = model, names
-        self.layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
-                       and isinstance(m.base_layer, torch.nn.Linear)]
+        # Built once per `generate` call and reused for every chunk and step.
+        self.stacks = [(m, *self._stacks(m)) for m in model.modules()
+                       if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+                       and isinstance(m.base_layer, torch.nn.Linear) and any(n in m.lora_A for n in names)]
 
     @staticmethod
     def supported(model, names: list[str]) -> bool:
@@ -95,16 +97,10 @@ class _StackedLoRA:
         return A, B
 
     def __enter__(self):
-        import contextlib
-
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self.model.disable_adapter())
         K = len(self.names)
-        for m in self.layers:
-            if not any(n in m.lora_A for n in self.names):
-                continue
-            A, B = self._stacks(m)
-
+        for m, A, B in self.stacks:
             def hook(mod, args, out, A=A, B=B):
                 x = args[0]
                 delta = torch.bmm(torch.bmm(x.reshape(K, -1, x.shape[-1]).to(A.dtype), A), B)
@@ -133,6 +129,34 @@ def choose_token(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, t
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def check_weights(weights: Mapping[str, float] | Sequence[float], names: list[str]) -> list[float]:
+    """Weights by adapter name (or in adapter order) -> a list; WeightError says what is wrong."""
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - set(names)
+        if unknown:
+            raise WeightError(f"weights name unknown adapters {sorted(unknown)}; adapters are {names}")
+        missing = set(names) - set(weights)
+        if missing:
+            raise WeightError(f"weights are missing for adapters {sorted(missing)}")
+        w = [weights[n] for n in names]
+    else:
+        w = list(weights)
+        if len(w) != len(names):
+            raise WeightError(f"got {len(w)} weights for {len(names)} adapters {names}")
+    try:
+        w = [float(x) for x in w]
+    except (TypeError, ValueError):
+        raise WeightError(f"weights must be numbers, got {w!r}") from None
+    if not all(math.isfinite(x) for x in w):
+        raise WeightError(f"weights must be finite, got {w}")
+    if any(x < 0 for x in w):
+        raise WeightError(f"weights must be >= 0, got {w}")
+    if sum(w) == 0:
+        raise WeightError("weights are all zero: the combined hidden state would be 0 and every "
+                          "token the same; give at least one adapter a positive weight")
+    return w
+
+
 class AdapterEnsemble:
     def __init__(self, policy: Policy, adapters: Mapping[str, str]):
         from peft import PeftModel
@@ -147,30 +171,7 @@ class AdapterEnsemble:
         self.policy = policy
 
     def check_weights(self, weights: Mapping[str, float] | Sequence[float]) -> list[float]:
-        if isinstance(weights, Mapping):
-            unknown = set(weights) - set(self.names)
-            if unknown:
-                raise WeightError(f"weights name unknown adapters {sorted(unknown)}; adapters are {self.names}")
-            missing = set(self.names) - set(weights)
-            if missing:
-                raise WeightError(f"weights are missing for adapters {sorted(missing)}")
-            w = [weights[n] for n in self.names]
-        else:
-            w = list(weights)
-            if len(w) != len(self.names):
-                raise WeightError(f"got {len(w)} weights for {len(self.names)} adapters {self.names}")
-        try:
-            w = [float(x) for x in w]
-        except (TypeError, ValueError):
-            raise WeightError(f"weights must be numbers, got {w!r}") from None
-        if not all(math.isfinite(x) for x in w):
-            raise WeightError(f"weights must be finite, got {w}")
-        if any(x < 0 for x in w):
-            raise WeightError(f"weights must be >= 0, got {w}")
-        if sum(w) == 0:
-            raise WeightError("weights are all zero: the combined hidden state would be 0 and every "
-                              "token the same; give at least one adapter a positive weight")
-        return w
+        return check_weights(weights, self.names)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], weights: Mapping[str, float] | Sequence[float] | None,
@@ -191,36 +192,40 @@ class AdapterEnsemble:
                                             combination_type="cat")
             active = [(MERGED, 1.0)]
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        names = [name for name, _ in active]
+        if names == [BASE]:
+            routing = "base"
+        elif _StackedLoRA.supported(self.model, names):
+            routing = _StackedLoRA(self.model, names)
+        else:  # LoRA variants / embedding adapters: peft's own (slower) mixed-adapter batches
+            routing = "mixed"
         texts = []
         try:
             for i in range(0, len(prompts), batch_size):
                 ids = self._generate_ids(prompts[i:i + batch_size], active, max_new_tokens, greedy,
-                                         temperature, top_k, top_p, gen, mix_logits=aggregation == "logit")
+                                         temperature, top_k, top_p, gen, routing, mix_logits=aggregation == "logit")
                 texts.extend(self.policy.decode(ids))
         finally:
             if merged:
                 self.model.delete_adapter(MERGED)
         return texts
 
-    def _generate_ids(self, prompts, active, max_new_tokens, greedy, temperature, top_k, top_p, gen,
+    def _generate_ids(self, prompts, active, max_new_tokens, greedy, temperature, top_k, top_p, gen, routing,
                       mix_logits=False):
         policy, model = self.policy, self.model
         K, B = len(active), len(prompts)
         dev = policy.device
-        rows = [name for name, _ in active for _ in range(B)]
         w = torch.tensor([wi for _, wi in active], device=dev).view(K, 1, 1)
         enc = policy.encode(prompts)
         attn = enc["attention_mask"].repeat(K, 1)
         head = model.get_output_embeddings()
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         tokens = []
-        names = [name for name, _ in active]
-        if names == [BASE]:
-            routing, kw = self.model.disable_adapter(), {}
-        elif _StackedLoRA.supported(model, names):
-            routing, kw = _StackedLoRA(model, names), {}
-        else:  # LoRA variants / embedding adapters: peft's own (slower) mixed-adapter batches
-            routing, kw = contextlib.nullcontext(), {"adapter_names": rows}
+        kw = {}
+        if routing == "base":
+            routing = model.disable_adapter()
+        elif routing == "mixed":
+            routing, kw = contextlib.nullcontext(), {"adapter_names": [n for n, _ in active for _ in range(B)]}
         with _LMHeadInput(model) as cap, routing:
             if policy.is_seq2seq:
                 start = torch.full((K * B, 1), model.config.decoder_start_token_id, device=dev)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from emorl_ray.config import config_from_dict
+from emorl_ray.ensemble.hidden_state import WeightError, check_weights
 
 api = FastAPI(title="emorl-ray ensemble")
 HTTP_APP = "emorl-ensemble-http"
@@ -70,12 +71,10 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
         raise BadRequest(422, f"weights: a list of {len(names)} numbers or an object over {names}")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
         raise BadRequest(422, "weights: every weight must be a number")
-    if not all(math.isfinite(x) for x in w):
-        raise BadRequest(422, "weights: must be finite")
-    if any(x < 0 for x in w):
-        raise BadRequest(422, "weights: must be >= 0")
-    if sum(w) <= 0:
-        raise BadRequest(422, "weights: at least one must be positive")
+    try:  # the ensemble's own rule: finite, >= 0, not all zero
+        w = check_weights(w, names)
+    except WeightError as e:
+        raise BadRequest(422, str(e)) from None
     settings = {
         "max_new_tokens": _number(body, "max_new_tokens", min(64, limits.max_new_tokens), int, 1, limits.max_new_tokens),
         "greedy": _number(body, "greedy", True, bool, 0, 1),
@@ -84,7 +83,7 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
         "top_p": _number(body, "top_p", 1.0, float, 1e-6, 1.0),
         "seed": _number(body, "seed", 0, int, 0, 2**31 - 1),
     }
-    return [p for p in prompts], [float(x) for x in w], settings
+    return list(prompts), w, settings
 
 
 @serve.deployment(max_ongoing_requests=64)

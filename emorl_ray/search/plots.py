@@ -17,8 +17,8 @@ def _xy(w: list[float]) -> tuple[float, float] | None:
 
 def ternary_heatmap(points: list[dict], objectives: list[str], path: Path, best: dict | None = None,
                     search_path: list | None = None, title: str = "") -> Path:
-    """`points`: rows with `w/<objective>` and `score`; `search_path`: the chosen region per level
-    (simplex vertices, or cube boxes, drawn by their corners normalised onto the simplex)."""
+    """`points`: rows with `w/<objective>` and `score`; `search_path`: the searcher's chosen region
+    per level (drawn for the simplex mode, whose regions are triangles; cube boxes are not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,15 +39,11 @@ def ternary_heatmap(points: list[dict], objectives: list[str], path: Path, best:
     failed = [xy for xy in failed if xy is not None]
     if failed:
         ax.scatter(*zip(*failed), marker="x", color="red", s=50, label="failed trial")
-    for level in search_path or []:
-        region = level["chosen"]
-        corners = region if isinstance(region[0], list) and len(region) == len(objectives) and \
-            all(len(v) == len(objectives) for v in region) else None
-        if corners:
-            xy = [_xy(v) for v in corners]
-            xy = [p for p in xy if p is not None]
-            if len(xy) >= 3:
-                ax.fill(*zip(*xy), fill=False, edgecolor="orange", lw=1)
+    for level in search_path or []:  # simplex mode: the chosen sub-simplex of each level
+        corners = [_xy(v) for v in level["chosen"]] if len(level["chosen"]) == 3 else []
+        corners = [c for c in corners if c is not None]
+        if len(corners) == 3:
+            ax.fill(*zip(*corners), fill=False, edgecolor="orange", lw=1)
     if best:
         bxy = _xy([best[o] for o in objectives])
         if bxy:
