@@ -133,10 +133,10 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.rewards.serve import deploy_scorers
     from emorl_ray.search.run import evaluate_weights
+    from emorl_ray.training.launch import ensemble_adapters, read_manifest
 
     cfg = load_config(run_dir / "config.yaml")
-    runs = json.loads((run_dir / "training" / "manifest.json").read_text())["runs"]
-    adapters = {m["name"]: m["adapter_path"] for m in runs if m["seed"] == cfg.training.seeds[0]}
+    adapters = ensemble_adapters(cfg, read_manifest(run_dir))
     objectives = cfg.objective_names
     deploy_scorers(cfg)
     const = {"app": APP_NAME, "max_new_tokens": cfg.search.max_new_tokens}

@@ -55,36 +55,46 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, 1.96 * sd / math.sqrt(n)
 
 
-def methods_to_evaluate(objectives: list[str], best_weights: dict) -> dict[str, dict | None]:
-    methods: dict[str, dict | None] = {"base model": None}
+def methods_to_evaluate(objectives: list[str], best_weights: dict, baselines: list[dict] = ()) -> dict[str, dict]:
+    """Method name -> how it generates (`weights` over adapters, or a full `model_path`) and which
+    training runs it cost."""
+    methods = {"base model": {"weights": None, "runs": []}}
     for o in objectives:
-        methods[f"single: {o}"] = {p: float(p == o) for p in objectives}
-    methods["ensemble, equal weights"] = {o: 1.0 for o in objectives}
-    methods["EMORL (searched weights)"] = best_weights
+        methods[f"single: {o}"] = {"weights": {o: 1.0}, "runs": [o]}
+    methods["ensemble, equal weights"] = {"weights": {o: 1.0 for o in objectives}, "runs": list(objectives)}
+    methods["EMORL (searched weights)"] = {"weights": best_weights,
+                                           "runs": [o for o in objectives if best_weights[o] > 0]}
+    for m in baselines:
+        label = f"baseline: {m['name']}" + ("" if m["lora"] else " (full fine-tune)")
+        methods[label] = ({"weights": {m["name"]: 1.0}, "runs": [m["name"]]} if m["lora"] else
+                          {"weights": None, "model_path": m["model_path"], "runs": [m["name"]]})
     return methods
 
 
-def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests: list[dict]) -> tuple[dict, list]:
+def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests: list[dict],
+             baselines: list[dict] = ()) -> tuple[dict, list]:
     handle = serve.get_app_handle(APP_NAME)
     objectives = cfg.objective_names
-    methods = methods_to_evaluate(objectives, best_weights)
+    methods = methods_to_evaluate(objectives, best_weights, baselines)
     # All methods at once: the deployment serialises generation, scoring overlaps.
-    pending = {name: handle.evaluate.remote(w, "test", cfg.evaluation.max_new_tokens, True)
-               for name, w in methods.items()}
-    cost = {m["name"]: m for m in manifests}
+    pending = {name: handle.evaluate.remote(m["weights"], "test", cfg.evaluation.max_new_tokens, True,
+                                            m.get("model_path"))
+               for name, m in methods.items()}
+    first_seed = cfg.training.seeds[0]
+    cost = {m["name"]: m for m in manifests if m["seed"] == first_seed}
     table, samples = [], []
     for name, resp in pending.items():
         res = resp.result()
-        row = {"method": name, "weights": methods[name]}
+        row = {"method": name, "weights": methods[name]["weights"]}
         for o in objectives:
             row[o], row[f"{o}_ci95"] = mean_ci(res["scores"][o])
         row["average"] = sum(row[o] for o in objectives) / len(objectives)
         row["distinct_2"] = distinct_2(res["responses"])
         row["distinct_2_authors"] = distinct_2_authors(res["responses"])
         row["edit_rate"] = sum(edit_rate(p, r) for p, r in zip(res["prompts"], res["responses"])) / res["n"]
-        used = [o for o in objectives if methods[name] and methods[name][o] > 0]
-        row["train_data_points"] = sum(cost[o]["data_points"] for o in used if o in cost)
-        row["train_seconds"] = round(sum(cost[o]["train_seconds"] for o in used if o in cost), 1)
+        runs = [cost[r] for r in methods[name]["runs"]]
+        row["train_data_points"] = sum(r["data_points"] for r in runs)
+        row["train_seconds"] = round(sum(r["train_seconds"] for r in runs), 1)
         row["n_prompts"] = res["n"]
         table.append(row)
         for i, (p, r) in enumerate(zip(res["prompts"], res["responses"])):

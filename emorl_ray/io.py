@@ -49,5 +49,7 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    # Every key of every row: from_pylist would take the columns of the first row only.
+    columns = dict.fromkeys(k for r in rows for k in r)
+    pq.write_table(pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in columns}), tmp)
     os.replace(tmp, path)

@@ -147,12 +147,12 @@ class Policy:
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.cfg.prompt_template.format(prompt=prompt)
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         texts = [self.format(p) for p in prompts]
         # Chat templates already carry the BOS token; do not add a second one.
         add_special = not (self.cfg.use_chat_template and not self.is_seq2seq and self.tokenizer.chat_template)
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.cfg.max_prompt_tokens, add_special_tokens=add_special)
+                             max_length=max_length or self.cfg.max_prompt_tokens, add_special_tokens=add_special)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def decode(self, ids: torch.Tensor) -> list[str]:

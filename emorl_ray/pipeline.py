@@ -3,6 +3,7 @@ weights, evaluate on the test split, write the run directory. `jobs/train_all.py
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -43,9 +44,30 @@ def connect_ray() -> bool:
     return True
 
 
-def run(cfg: ExperimentConfig) -> dict:
+@contextlib.contextmanager
+def ray_session(apps: list[str]):
+    """Ray + Serve for one job. On our own local Ray everything goes down at the end; on a shared
+    cluster only our Serve applications are removed."""
     from ray import serve
 
+    started = connect_ray()
+    serve.start(http_options={"host": "127.0.0.1"})
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+        else:
+            for name in apps:
+                try:
+                    serve.delete(name)
+                except Exception:  # already gone, or Serve itself is down
+                    pass
+
+
+def run(cfg: ExperimentConfig) -> dict:
     from emorl_ray.data import load_splits
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.evaluation import evaluate
@@ -53,7 +75,8 @@ def run(cfg: ExperimentConfig) -> dict:
     from emorl_ray.report import write_report
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.search.run import run_search
-    from emorl_ray.training.launch import single_objective_jobs, train_all
+    from emorl_ray.training.launch import (baseline_jobs, baseline_runs, ensemble_adapters, single_objective_jobs,
+                                           train_all)
 
     t_start = time.time()
     # Everything that can fail on bad input fails here, before Ray starts.
@@ -63,44 +86,62 @@ def run(cfg: ExperimentConfig) -> dict:
     run_dir = prepare_run_dir(cfg)
     atomic_write_json(run_dir / "data_split.json", splits.summary())
 
-    started = connect_ray()
-    serve.start(http_options={"host": "127.0.0.1"})
     timings = {}
-    try:
+    with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
         t = time.time()
         deploy_scorers(cfg)
         timings["deploy_scorers_s"] = time.time() - t
 
         t = time.time()
-        manifests = train_all(cfg, run_dir, single_objective_jobs(cfg))
+        manifests = train_all(cfg, run_dir, single_objective_jobs(cfg) + baseline_jobs(cfg))
         timings["train_wall_s"] = time.time() - t
 
-        # The ensemble uses the first seed's adapter of each objective.
-        first_seed = cfg.training.seeds[0]
-        adapters = {m["name"]: m["adapter_path"] for m in manifests if m["seed"] == first_seed}
+        # The ensemble uses the first seed's adapter of each objective; LoRA baselines ride along
+        # in the same deployment for the evaluation (weight 0 during the search).
+        baselines = baseline_runs(cfg, manifests)
+        adapters = ensemble_adapters(cfg, manifests) | {m["name"]: m["adapter_path"] for m in baselines if m["lora"]}
         t = time.time()
         deploy_evaluator(cfg, adapters)
         search = run_search(cfg, run_dir, cfg.objective_names)
         timings["search_wall_s"] = time.time() - t
 
         t = time.time()
-        evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests)
+        evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests, baselines)
         timings["eval_wall_s"] = time.time() - t
         report = write_report(run_dir, cfg, splits.summary(), manifests, search, evaluation, samples,
                               cfg.evaluation.num_samples_in_report)
-    finally:
-        if started:  # our own local Ray: Serve goes down with it
-            import ray
-
-            ray.shutdown()
-        else:  # a shared cluster: remove only our applications
-            for name in [APP_NAME] + [app_name(o) for o in cfg.objective_names]:
-                try:
-                    serve.delete(name)
-                except Exception:  # already gone, or Serve itself is down
-                    pass
     timings["total_wall_s"] = time.time() - t_start
     summary = {"run_dir": str(run_dir), "report": str(report), "timings": timings,
                "best_weights": search["best_weights_normalized"], "best_val_score": search["best_score"]}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]:
+    """Train more objectives into an existing run directory (`jobs/train_objective.py`).
+
+    `cfg` must be the run's experiment plus these objectives. The run's config.yaml becomes `cfg`,
+    so `run(cfg)` afterwards reuses every trained adapter and searches over all of them."""
+    from emorl_ray.rewards.serve import app_name, deploy_scorers
+    from emorl_ray.training.launch import single_objective_jobs, train_all
+
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise ConfigError("name", f"{run_dir} holds no run (no config.yaml); train it with jobs/train_all.py "
+                          "first, or fix `name`/`output_dir`")
+    for o in objectives:
+        if o not in cfg.objectives:
+            raise ConfigError("--objective", f"{o!r} is not an objective of this config "
+                              f"({', '.join(cfg.objective_names)}); add it under `objectives:` with its scorer")
+    old, new = yaml.safe_load(saved.read_text()), cfg.to_dict()
+    without = dict(new, objectives={k: v for k, v in new["objectives"].items() if k not in objectives})
+    if old != new and old != without:
+        fields = sorted(k for k in new if old.get(k) != without.get(k))
+        raise ConfigError("--config", f"differs from {saved} in {fields}, not only in the objectives "
+                          f"{objectives}; start from a copy of {saved} and add the objective(s)")
+    with ray_session([app_name(o) for o in objectives]):
+        deploy_scorers(cfg, objectives)
+        runs = train_all(cfg, run_dir, single_objective_jobs(cfg, objectives))
+    atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
+    return runs

@@ -10,7 +10,6 @@ Binds to 127.0.0.1 unless `serving.host` (or --host) says otherwise. Ctrl-C stop
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    runs = json.loads(manifest.read_text())["runs"]
-    adapters = {m["name"]: m["adapter_path"] for m in runs if m["seed"] == cfg.training.seeds[0]}
+    from emorl_ray.training.launch import ensemble_adapters, read_manifest
+
+    try:
+        adapters = ensemble_adapters(cfg, read_manifest(args.run_dir))
+    except RuntimeError as e:
+        print(f"error: --run-dir {args.run_dir}: {e}", file=sys.stderr)
+        return 2
 
     import ray
     from ray import serve

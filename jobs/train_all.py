@@ -16,43 +16,21 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout (or a `ray job submit` working dir) without installing
 
-from emorl_ray.config import ConfigError, load_config  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"), help="experiment YAML")
-    p.add_argument("--name", help="run name (overrides `name` in the config)")
-    p.add_argument("--output-dir", help="where run directories go (overrides `output_dir`)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set training.max_steps=10 (value parsed as YAML)")
-    return p.parse_args(argv)
+from emorl_ray.cli import add_config_args, config_from_args  # noqa: E402
+from emorl_ray.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
-        overrides[key] = yaml.safe_load(value)
-    if args.name:
-        overrides["name"] = args.name
-    if args.output_dir:
-        overrides["output_dir"] = args.output_dir
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
     from emorl_ray.pipeline import run
 

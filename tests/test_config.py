@@ -58,6 +58,10 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r["training"]["scaling"].update(gpus_per_worker=0.5), "training.scaling.gpus_per_worker", "use_gpu"),
     (lambda r: r["training"].update(sampling={"top_p": 0.0}),
      "training.sampling.top_p", "(0, 1]"),
+    (lambda r: r.update(baselines={"methods": ["uniform", "mixture"]}), "baselines.methods[1]", "one of"),
+    (lambda r: r.update(baselines={"methods": ["dynaopt", "dynaopt"]}), "baselines.methods", "repeat"),
+    (lambda r: r.update(baselines={"dynaopt_gamma": 0.0}), "baselines.dynaopt_gamma", "(0, 1]"),
+    (lambda r: r["objectives"].update(uniform=r["objectives"]["overlap"]), "objectives.uniform", "baseline"),
 ])
 def test_bad_config_names_the_field(tiny_causal, tmp_path, mutate, path, words):
     err = _bad(tiny_causal, tmp_path, mutate)
@@ -82,3 +86,20 @@ def test_round_trip_through_dict(tiny_config):
 
     again = config_from_dict(tiny_config.to_dict())
     assert again == tiny_config
+
+
+def test_faithful_changes_defaults_but_explicit_values_win(tiny_causal, tmp_path):
+    raw = tiny_raw_config(tiny_causal, tmp_path)
+    raw["faithful"] = True
+    raw["training"]["baseline"] = "rloo"
+    cfg = parse_config(raw)
+    t = cfg.training
+    assert (t.sampling.top_k, t.loss_reduction, t.baseline) == (50, "sequence_sum", "rloo")
+    assert cfg.baselines.full_finetune and cfg.search.parameterization == "cube" and not cfg.search.cache
+    assert t.max_steps == 4  # set in the file
+    plain = parse_config(tiny_raw_config(tiny_causal, tmp_path))
+    assert plain.training.sampling.top_k == 0 and plain.training.loss_reduction == "token_mean"
+    # Workers rebuild the config from to_dict(): the values must survive unchanged.
+    from emorl_ray.config import config_from_dict
+
+    assert config_from_dict(cfg.to_dict()) == cfg

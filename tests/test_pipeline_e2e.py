@@ -6,20 +6,25 @@ import pyarrow.parquet as pq
 import pytest
 from peft import PeftModel
 
+from conftest import tiny_raw_config
 from emorl_ray.models import Policy
 
 pytestmark = pytest.mark.e2e
 
 
-def test_pipeline_end_to_end_and_resume(tiny_config):
+def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path):
+    from emorl_ray.config import parse_config
     from emorl_ray.pipeline import run
 
+    raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
+    raw["baselines"] = {"methods": ["uniform", "dynaopt"]}
+    tiny_config = parse_config(raw)
     summary = run(tiny_config)
     run_dir = tiny_config.run_dir
     assert summary["run_dir"] == str(run_dir)
 
     manifest = json.loads((run_dir / "training" / "manifest.json").read_text())["runs"]
-    assert {m["name"] for m in manifest} == {"overlap", "brevity"}
+    assert {m["name"] for m in manifest} == {"overlap", "brevity", "uniform", "dynaopt"}
     for m in manifest:
         assert m["steps"] == 4 and m["data_points"] == 8 and m["train_seconds"] > 0
         PeftModel.from_pretrained(Policy(tiny_config.model).model, m["adapter_path"])  # plain peft load
@@ -36,13 +41,34 @@ def test_pipeline_end_to_end_and_resume(tiny_config):
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     methods = [m["method"] for m in metrics["methods"]]
     assert methods[0] == "base model" and "EMORL (searched weights)" in methods
+    assert {"baseline: uniform", "baseline: dynaopt"} <= set(methods)
+    by_name = {m["method"]: m for m in metrics["methods"]}
+    assert by_name["baseline: uniform"]["train_data_points"] == 8  # its own run, not the objectives'
+    assert by_name["ensemble, equal weights"]["train_data_points"] == 16
     assert all(m["n_prompts"] == 4 for m in metrics["methods"])
     report = (run_dir / "report.md").read_text()
     assert "## Test results" in report and "EMORL (searched weights)" in report
 
     # Re-running the same experiment resumes: nothing is trained or searched again.
-    trial_dirs = sorted(p.name for p in (run_dir / "ray" / "search").iterdir() if p.is_dir())
+    trial_dirs = sorted(p.name for p in (run_dir / "ray" / "search-overlap-brevity").iterdir() if p.is_dir())
     again = run(tiny_config)
     assert again["best_weights"] == summary["best_weights"]
-    assert sorted(p.name for p in (run_dir / "ray" / "search").iterdir() if p.is_dir()) == trial_dirs
+    assert sorted(p.name for p in (run_dir / "ray" / "search-overlap-brevity").iterdir() if p.is_dir()) == trial_dirs
     assert json.loads((run_dir / "training" / "manifest.json").read_text())["runs"] == manifest
+
+    # Add an objective later: train its adapter into the run, then search over all three.
+    from emorl_ray.config import ConfigError
+    from emorl_ray.pipeline import train_objectives
+
+    raw["objectives"]["vowels"] = {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:vowel_start",
+                                              "num_cpus": 0.05}}
+    with pytest.raises(ConfigError, match="not only in the objectives"):  # a changed experiment is refused
+        train_objectives(parse_config({**raw, "seed": 1}), ["vowels"])
+    bigger = parse_config(raw)
+    runs = train_objectives(bigger, ["vowels"])
+    assert {m["name"] for m in runs} == {"overlap", "brevity", "uniform", "dynaopt", "vowels"}
+    assert [m for m in runs if m["name"] != "vowels"] == manifest  # the earlier runs are kept as they were
+    summary3 = run(bigger)
+    assert set(summary3["best_weights"]) == {"overlap", "brevity", "vowels"}
+    points3 = pq.read_table(run_dir / "search" / "points.parquet").to_pylist()
+    assert all("w/vowels" in p for p in points3) and len(points3) > len(points)

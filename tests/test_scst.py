@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -6,8 +8,8 @@ from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
 from emorl_ray.models import Policy, lora_config
 from emorl_ray.rewards import LocalRewards
 from emorl_ray.rewards.toy import vowel_start
-from emorl_ray.training.scst import (advantages, converged, kl_penalty, policy_loss, response_mask, sample,
-                                     scst_step, transform)
+from emorl_ray.training.scst import (advantages, authors_postprocess, authors_targets, converged, kl_penalty,
+                                     policy_loss, response_mask, sample, scst_step, transform)
 
 
 def test_response_mask_keeps_the_first_eos():
@@ -101,3 +103,26 @@ def test_kl_term_uses_the_adapter_free_base(tiny_causal):
     assert last["kl"] > 0
     faithful = scst_step(policy, policy.model, opt, ["I feel stuck"], rewards, {"tok": 1.0}, cfg, faithful=True)
     assert faithful["kl"] != faithful["kl"]  # NaN: the authors' KL is a no-op, not computed
+
+
+def test_authors_postprocess_keeps_segments_before_the_last_cls():
+    assert authors_postprocess("You feel lost.") == "You feel lost."
+    assert authors_postprocess("You feel lost. [CLS] It hurts. [CLS] and then") == "You feel lost. It hurts."
+    assert authors_postprocess("[CLS]") == ""
+
+
+def test_faithful_step_trains_on_retokenised_text_with_cls_and_no_eos(tiny_causal, tiny_t5):
+    for model_dir in (tiny_causal, tiny_t5):
+        policy = Policy(ModelConfig(id=model_dir, use_chat_template=False))
+        ids, mask = authors_targets(policy, ["you feel lost", "sad"], "cpu")
+        assert (ids[mask == 1] != policy.eos_token_id).all()  # the authors never trained EOS
+        assert mask[1].sum() < mask[0].sum() and mask[:, 0].all()  # right-padded
+        plain = policy.tokenizer("you feel lost", add_special_tokens=False)["input_ids"]
+        assert ids[0, :len(plain)].tolist() == plain and mask[0].sum() > len(plain)  # + the "[CLS]" pieces
+        policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=2, alpha=4, dropout=0.1), policy.kind))
+        opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
+        cfg = TrainingConfig(batch_size=2, k=2, max_new_tokens=4, baseline="mean", loss_reduction="sequence_sum")
+        by_position = LocalRewards({"pos": lambda prompts, texts: [0.2 + 0.1 * i for i in range(len(texts))]})
+        stats = scst_step(policy, policy.model, opt, ["I feel stuck", "My dog"], by_position, {"pos": 1.0}, cfg,
+                          faithful=True)
+        assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0

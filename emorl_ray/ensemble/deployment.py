@@ -27,6 +27,10 @@ def load_ensemble(cfg, adapters: dict[str, str], device: str, num_cpus: float):
 
 @serve.deployment(max_ongoing_requests=16)
 class EnsembleEvaluator:
+    """`adapters`: name -> adapter directory: the objectives' adapters, plus any LoRA baseline
+    adapters the evaluation compares (they take weight 0 unless named). Fully fine-tuned baselines
+    are loaded on demand by `evaluate(model_path=...)`."""
+
     def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu"):
         from emorl_ray.data import load_splits
         from emorl_ray.rewards.serve import ServeRewards
@@ -39,20 +43,44 @@ class EnsembleEvaluator:
         self.rewards = ServeRewards(cfg.objective_names)
         # One generation at a time per replica: they are compute-bound and share the weights.
         self._lock = threading.Lock()
+        self._full = (None, None)  # (path, Policy) of the fully fine-tuned model loaded last
 
     def _generate(self, prompts, weights, max_new_tokens):
         with self._lock:
+            if weights is not None:  # adapters left out of `weights` take no part
+                unknown = set(weights) - set(self.ensemble.names)
+                weights = {n: weights.get(n, 0.0) for n in self.ensemble.names} | {n: weights[n] for n in unknown}
             return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size,
                                           aggregation=self.cfg.search.aggregation)
 
+    def _generate_full(self, prompts, model_path, max_new_tokens):
+        import copy
+
+        from emorl_ray.models import load_model
+        from emorl_ray.training.scst import greedy_generate
+
+        with self._lock:
+            path, policy = self._full
+            if path != model_path:
+                self._full = (None, None)  # one full model at a time
+                base = self.ensemble.policy
+                policy = copy.copy(base)
+                policy.model = load_model(model_path, self.cfg.model, base.kind, base.device).eval()
+                self._full = (model_path, policy)
+            return greedy_generate(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size)
+
     async def evaluate(self, weights: dict | None, split: str = "val", max_new_tokens: int | None = None,
-                       return_samples: bool = False) -> dict:
-        """Generate for every prompt of `split` with `weights` (None = base model) and score it."""
+                       return_samples: bool = False, model_path: str | None = None) -> dict:
+        """Generate for every prompt of `split` with `weights` (None = base model), or with the fully
+        fine-tuned model saved at `model_path`, greedily, and score it."""
         if split not in self.prompts:
             raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
         prompts = self.prompts[split]
-        texts = await asyncio.to_thread(self._generate, prompts, weights,
-                                        max_new_tokens or self.cfg.search.max_new_tokens)
+        max_new_tokens = max_new_tokens or self.cfg.search.max_new_tokens
+        if model_path is not None:
+            texts = await asyncio.to_thread(self._generate_full, prompts, model_path, max_new_tokens)
+        else:
+            texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens)
         scores = await self.rewards.ascore_all(prompts, texts)
         means = {o: sum(v) / len(v) for o, v in scores.items()}
         out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts)}

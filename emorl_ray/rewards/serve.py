@@ -56,15 +56,16 @@ class ScorerDeployment:
         return await self._score_batch((list(prompts), list(responses)))
 
 
-def deploy_scorers(cfg: ExperimentConfig) -> dict[str, object]:
+def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None) -> dict[str, object]:
     """Start one Serve application per objective, all at once, and wait until all are healthy."""
     import dataclasses
 
     from ray.serve.api import RunTarget
 
+    objectives = objectives or cfg.objective_names
     targets = []
-    for name, obj in cfg.objectives.items():
-        sc = obj.scorer
+    for name in objectives:
+        sc = cfg.objectives[name].scorer
         app = ScorerDeployment.options(
             name=f"scorer_{name}", num_replicas=sc.num_replicas,
             ray_actor_options={"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus},
@@ -72,7 +73,7 @@ def deploy_scorers(cfg: ExperimentConfig) -> dict[str, object]:
         targets.append(RunTarget(target=app, name=app_name(name), route_prefix=None))
     handles = serve.run_many(targets)
     log.info("scorers deployed as Serve apps %s", [t.name for t in targets])
-    return dict(zip(cfg.objectives, handles))
+    return dict(zip(objectives, handles))
 
 
 class ServeRewards:

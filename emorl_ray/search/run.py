@@ -45,7 +45,9 @@ def searcher_state(exp_path: Path) -> dict:
 def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> dict:
     se = cfg.search
     storage = run_dir / "ray"
-    exp_path = storage / "search"
+    # One experiment per set of adapters: adding an objective (jobs/train_objective.py) starts a new search.
+    name = "search-" + "-".join(objectives)
+    exp_path = storage / name
     trainable = tune.with_resources(evaluate_weights, {"cpu": 0.01})
     if tune.Tuner.can_restore(str(exp_path)):
         log.info("resuming the search from %s", exp_path)
@@ -58,7 +60,7 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> d
             param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens},
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                         max_concurrent_trials=se.max_concurrent_trials),
-            run_config=tune.RunConfig(name="search", storage_path=str(storage),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage),
                                       failure_config=tune.FailureConfig(max_failures=se.max_failures), verbose=1),
         )
     grid = tuner.fit()

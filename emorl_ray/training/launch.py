@@ -1,6 +1,8 @@
-"""Launch one Ray Train `TorchTrainer` per (objective, seed), all at once, and collect manifests.
+"""Launch one Ray Train `TorchTrainer` per run, all at once, and collect manifests.
 
-A run is named `<objective>-s<seed>`; re-running with the same run directory resumes unfinished
+The runs are EMORL's single-objective ones, one per (objective, seed), and the single-policy
+baselines (Uniform, DynaOpt) per seed. Ray starts each trainer as soon as the cluster has room for
+it, so more runs than fit at once simply queue. A run is named `<objective or baseline>-s<seed>`; re-running with the same run directory resumes unfinished
 runs from their last checkpoint (Train V2 finds them by `RunConfig(name, storage_path)`) and
 skips finished ones (their manifest exists).
 """
@@ -22,8 +24,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainJob:
     name: str                     # objective name (or baseline name)
-    reward_weights: dict          # objective -> weight in the scalarised reward
+    reward_weights: dict          # objective -> weight in the scalarised reward (DynaOpt: the objectives)
     seed: int
+    method: str = "single"        # "single" (EMORL), "uniform" or "dynaopt"
+    lora: bool = True
 
     @property
     def run_name(self) -> str:
@@ -31,7 +35,17 @@ class TrainJob:
 
 
 def single_objective_jobs(cfg: ExperimentConfig, objectives: list[str] | None = None) -> list[TrainJob]:
-    return [TrainJob(o, {o: 1.0}, s) for o in (objectives or cfg.objective_names) for s in cfg.training.seeds]
+    lora = cfg.training.lora is not None
+    return [TrainJob(o, {o: 1.0}, s, "single", lora)
+            for o in (objectives or cfg.objective_names) for s in cfg.training.seeds]
+
+
+def baseline_jobs(cfg: ExperimentConfig) -> list[TrainJob]:
+    """Uniform: r = (1/K) sum_i f(s_i). DynaOpt: bandit weights (`weighting.DynaOpt`)."""
+    objectives = cfg.objective_names
+    lora = cfg.training.lora is not None and not cfg.baselines.full_finetune
+    uniform = {o: 1.0 / len(objectives) for o in objectives}
+    return [TrainJob(m, uniform, s, m, lora) for m in cfg.baselines.methods for s in cfg.training.seeds]
 
 
 def manifest_path(run_dir: Path, job: TrainJob) -> Path:
@@ -56,7 +70,8 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(),
-                           "run": {"name": job.run_name, "reward_weights": job.reward_weights, "seed": job.seed},
+                           "run": {"name": job.run_name, "reward_weights": job.reward_weights, "seed": job.seed,
+                                   "method": job.method, "lora": job.lora},
                            **(extra or {})},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"train-{job.run_name}", storage_path=str(run_dir / "ray"),
@@ -71,16 +86,19 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
         d = Path(d)
         state = json.loads((d / STATE_FILE).read_text())
         history = [json.loads(line) for line in (d / HISTORY_FILE).read_text().splitlines() if line]
-        src = d / (ADAPTER_DIR if cfg.training.lora is not None else FULL_MODEL_DIR)
-        atomic_copytree(src, out / "adapter")
+        weights_dir = out / ("adapter" if job.lora else "model")
+        atomic_copytree(d / (ADAPTER_DIR if job.lora else FULL_MODEL_DIR), weights_dir)
     write_parquet(out / "metrics.parquet", history)
+    # The paper's counters stop at convergence; under `faithful` training went on to the epoch's end.
+    reported = state.get("converged_at") or state
     manifest = {
-        "name": job.name, "seed": job.seed, "reward_weights": job.reward_weights,
-        "lora": cfg.training.lora is not None,
-        "steps": state["step"], "data_points": state["data_points"],
-        "train_seconds": round(state["train_seconds"], 3), "converged": state["converged"],
+        "name": job.name, "seed": job.seed, "method": job.method, "reward_weights": job.reward_weights,
+        "lora": job.lora,
+        "steps": reported["step"], "data_points": reported["data_points"],
+        "train_seconds": round(reported["train_seconds"], 3), "converged": state["converged"],
+        "trained_steps": state["step"], "trained_data_points": state["data_points"],
         "final_val_score": state["val_history"][-1] if state["val_history"] else None,
-        "adapter_path": str(out / "adapter"), "metrics_path": str(out / "metrics.parquet"),
+        ("adapter_path" if job.lora else "model_path"): str(weights_dir), "metrics_path": str(out / "metrics.parquet"),
         "ray_checkpoint": ckpt.path,
     }
     atomic_write_json(mpath, manifest)
@@ -90,10 +108,39 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
 
 
 def train_all(cfg: ExperimentConfig, run_dir: Path, jobs: list[TrainJob], extra: dict | None = None) -> list[dict]:
-    """Fit every job concurrently (one driver thread each; `fit()` blocks on its own trainer)."""
+    """Fit every job concurrently (one driver thread each; `fit()` blocks on its own trainer) and
+    add them to the run directory's `training/manifest.json`, which the later stages read."""
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [pool.submit(fit, cfg, run_dir, job, extra) for job in jobs]
         manifests = [f.result() for f in futures]
-    atomic_write_json(run_dir / "training" / "manifest.json", {"runs": manifests})
-    return manifests
+    path = run_dir / "training" / "manifest.json"
+    done = {(m["name"], m["seed"]) for m in manifests}
+    earlier = json.loads(path.read_text())["runs"] if path.exists() else []
+    runs = [m for m in earlier if (m["name"], m["seed"]) not in done] + manifests
+    atomic_write_json(path, {"runs": runs})
+    return runs
+
+
+def read_manifest(run_dir: Path) -> list[dict]:
+    path = run_dir / "training" / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: train the run first (jobs/train_all.py)")
+    return json.loads(path.read_text())["runs"]
+
+
+def ensemble_adapters(cfg: ExperimentConfig, runs: list[dict]) -> dict[str, str]:
+    """The adapters the ensemble combines: each objective's single-objective run of the first seed."""
+    seed = cfg.training.seeds[0]
+    found = {m["name"]: m["adapter_path"] for m in runs
+             if m.get("method", "single") == "single" and m["seed"] == seed}
+    missing = [o for o in cfg.objective_names if o not in found]
+    if missing:
+        raise RuntimeError(f"no trained adapter (seed {seed}) for objectives {missing}; train them first")
+    return {o: found[o] for o in cfg.objective_names}
+
+
+def baseline_runs(cfg: ExperimentConfig, runs: list[dict]) -> list[dict]:
+    seed = cfg.training.seeds[0]
+    return [m for m in runs if m.get("method", "single") != "single" and m["seed"] == seed
+            and m["name"] in cfg.baselines.methods]
 

@@ -19,6 +19,7 @@ import torch
 
 from emorl_ray.config import ExperimentConfig, config_from_dict
 from emorl_ray.models import use_reserved_cpus
+from emorl_ray.training.weighting import build_weighting
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ def batch_for_step(train: list[dict], seed: int, step: int, n: int) -> list[str]
     return [train[i]["prompt"] for i in idx]
 
 
-def build_trainable(cfg: ExperimentConfig, device):
+def build_trainable(cfg: ExperimentConfig, device, lora: bool = True):
     from peft import get_peft_model
 
     from emorl_ray.models import Policy, lora_config
 
     policy = Policy(cfg.model, device)
-    if cfg.training.lora is not None:
+    if lora:
         policy.model = get_peft_model(policy.model, lora_config(cfg.training.lora, policy.kind))
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
@@ -99,25 +100,40 @@ def train_loop_per_worker(config: dict) -> None:
     use_reserved_cpus(t.scaling.cpus_per_worker)
     torch.manual_seed(run["seed"])
 
-    policy, optimizer = build_trainable(cfg, device)
-    lora = t.lora is not None
+    lora = run["lora"]
+    policy, optimizer = build_trainable(cfg, device, lora)
     model = policy.model
     train_model = ray.train.torch.prepare_model(model) if world > 1 else model
     splits = load_splits(cfg.data)
     val_prompts = [r["prompt"] for r in splits.val]
-    rewards = ServeRewards(list(run["reward_weights"]))
-    weights = run["reward_weights"]
+    objectives = list(run["reward_weights"])
+    rewards = ServeRewards(objectives)
+    b = cfg.baselines
+    weighting = build_weighting(run["method"], run["reward_weights"], b.dynaopt_gamma, b.dynaopt_history,
+                                run["seed"], cfg.faithful)
+    # The authors' convergence flag only ended the epoch (spec §10.7): under `faithful` training goes
+    # on to the end of the epoch, while the reported counters stay those at convergence.
+    steps_per_epoch = max(1, len(splits.train) // (t.batch_size * world))
 
-    state = {"step": 0, "data_points": 0, "train_seconds": 0.0, "val_history": [], "converged": False}
+    state = {"step": 0, "data_points": 0, "train_seconds": 0.0, "val_history": [], "converged": False,
+             "converged_at": None, "weighting": weighting.state_dict()}
     history: list[dict] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             state, history = load_checkpoint(Path(d), model, optimizer, lora)
+        weighting.load_state_dict(state["weighting"])
         log.info("[%s] resumed at step %d (%d data points)", run["name"], state["step"], state["data_points"])
 
+    def finished() -> bool:
+        if state["step"] >= t.max_steps:
+            return True
+        if not state["converged"]:
+            return False
+        return not cfg.faithful or state["step"] % steps_per_epoch == 0
+
     fail_at = config.get("fail_at_step")
-    while state["step"] < t.max_steps and not state["converged"]:
+    while not finished():
         # Fault-injection hook for tests: fail once, after the checkpoint of an earlier step.
         if fail_at is not None and state["step"] == fail_at and not os.path.exists(config["fail_marker"]):
             Path(config["fail_marker"]).touch()
@@ -127,20 +143,27 @@ def train_loop_per_worker(config: dict) -> None:
         torch.manual_seed(run["seed"] * 1_000_003 + step * world + rank)  # step-determined sampling
         prompts = batch_for_step(splits.train, run["seed"], step, t.batch_size * world)
         prompts = prompts[rank * t.batch_size:(rank + 1) * t.batch_size]
-        stats = scst_step(policy, train_model, optimizer, prompts, rewards, weights, t, cfg.faithful, gen_model=model)
+        stats = scst_step(policy, train_model, optimizer, prompts, rewards, weighting.weights(), t, cfg.faithful,
+                          gen_model=model)
         state["step"] = step + 1
         state["data_points"] += t.batch_size * world
         row = {"kind": "train", "step": state["step"], "data_points": state["data_points"], **stats}
 
-        validate = state["step"] % t.val_every == 0 or state["step"] == t.max_steps
+        # The last step is always validated, so the saved adapter is the one last validated.
+        validate = state["step"] % t.val_every == 0 or finished()
         if validate:
             texts = greedy_generate(policy, model, val_prompts, t.max_new_tokens)
-            val = rewards.score_all(val_prompts, texts, list(weights))
+            val = rewards.score_all(val_prompts, texts, objectives)
             val_means = {o: sum(v) / len(v) for o, v in val.items()}
             value = sum(val_means.values()) / len(val_means)
             state["val_history"].append(value)
-            state["converged"] = converged(state["val_history"], t.convergence.window, t.convergence.threshold)
+            weighting.observe_validation(val)
+            state["weighting"] = weighting.state_dict()
+            if not state["converged"]:
+                state["converged"] = converged(state["val_history"], t.convergence.window, t.convergence.threshold)
         state["train_seconds"] += time.perf_counter() - t0
+        if validate and state["converged"] and state["converged_at"] is None:
+            state["converged_at"] = {k: state[k] for k in ("step", "data_points", "train_seconds")}
         row["train_seconds"] = state["train_seconds"]
         history.append(row)
         log.info("[%s] step %d reward %.4f (%.1f s)", run["name"], state["step"], stats["reward"],

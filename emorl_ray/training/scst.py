@@ -10,6 +10,10 @@ One optimizer step, top to bottom:
      per sequence (authors) or averaged over tokens; plus an optional KL penalty to the frozen
      base model (the adapter switched off), with gradient;
   5. clip the gradient norm, AdamW step.
+
+`faithful=True` reproduces the authors' step where it differs (spec §10.1-4): dropout on while
+sampling, no KL, and the loss on the re-tokenised text + " [CLS]" (EOS never trained) with the
+prompt re-encoded to 512 tokens instead of the generation limit.
 """
 
 from __future__ import annotations
@@ -60,6 +64,26 @@ def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: in
     ids = ids.masked_fill(mask == 0, policy.pad_token_id)
     rep = {key: v.repeat_interleave(k, dim=0) for key, v in enc.items()}
     return Rollout([p for p in prompts for _ in range(k)], rep, ids, mask, policy.decode(ids))
+
+
+CLS = "[CLS]"
+AUTHORS_LOSS_PROMPT_TOKENS = 512
+AUTHORS_TARGET_TOKENS = 128
+
+
+def authors_postprocess(text: str) -> str:
+    """DynaOpt's post-processing kept by EMORL (spec §2): keep the segments before the last "[CLS]"."""
+    if CLS not in text:
+        return text.strip()
+    return " ".join(seg.strip() for seg in text.split(CLS)[:-1] if seg.strip())
+
+
+def authors_targets(policy: Policy, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' loss targets (spec §10.3): `text + " [CLS]"` re-tokenised, no EOS, right-padded."""
+    enc = policy.tokenizer([t + " " + CLS for t in texts], return_tensors="pt", padding=True, truncation=True,
+                           max_length=AUTHORS_TARGET_TOKENS, add_special_tokens=False, padding_side="right")
+    ids = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, policy.pad_token_id)
+    return ids.to(device), enc["attention_mask"].to(device)
 
 
 def token_logprobs(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,19 +139,24 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     s = cfg.sampling
     roll = sample(policy, gen_model, prompts, cfg.k, cfg.max_new_tokens, s.temperature, s.top_k, s.top_p,
                   dropout=faithful)
-    scores = rewards.score_all(roll.prompts, roll.texts, list(reward_weights))
+    enc, ids, mask, texts = roll.enc, roll.response_ids, roll.response_mask, roll.texts
+    if faithful:
+        texts = [authors_postprocess(t) for t in texts]
+        ids, mask = authors_targets(policy, texts, ids.device)
+        enc = policy.encode(roll.prompts, max_length=AUTHORS_LOSS_PROMPT_TOKENS)
+    scores = rewards.score_all(roll.prompts, texts, list(reward_weights))
     r = sum(w * transform(torch.tensor(scores[o]), cfg.reward_transform) for o, w in reward_weights.items())
-    adv = advantages(r, cfg.k, cfg.baseline).to(roll.response_ids.device)
+    adv = advantages(r, cfg.k, cfg.baseline).to(ids.device)
 
     model.train()
-    logp = token_logprobs(policy, model, roll.enc, roll.response_ids, roll.response_mask)
-    loss = policy_loss(logp, roll.response_mask, adv, cfg.loss_reduction)
+    logp = token_logprobs(policy, model, enc, ids, mask)
+    loss = policy_loss(logp, mask, adv, cfg.loss_reduction)
     kl = float("nan")
     # The authors' KL term carried no gradient and was multiplied by zero-mean advantages: a no-op.
     if cfg.kl_coef > 0 and not faithful:
         with torch.no_grad(), _adapter_disabled(gen_model):
-            ref = token_logprobs(policy, gen_model, roll.enc, roll.response_ids, roll.response_mask)
-        kl_t = kl_penalty(logp, ref, roll.response_mask)
+            ref = token_logprobs(policy, gen_model, enc, ids, mask)
+        kl_t = kl_penalty(logp, ref, mask)
         loss = loss + cfg.kl_coef * kl_t
         kl = kl_t.item()
     optimizer.zero_grad(set_to_none=True)
@@ -138,6 +167,7 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
 
     stats = {"loss": loss.item(), "reward": float(r.mean()), "kl": kl, "grad_norm": float(grad_norm),
              "response_tokens": float(roll.response_mask.sum(1).float().mean())}
+    stats.update({f"weight/{o}": float(w) for o, w in reward_weights.items()})
     for o in reward_weights:
         stats[f"score/{o}"] = float(sum(scores[o]) / len(scores[o]))
     return stats

@@ -1,0 +1,41 @@
+"""Command-line plumbing shared by the jobs: the config arguments and their error messages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from emorl_ray.config import ConfigError, ExperimentConfig, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML")
+    p.add_argument("--name", help="run name (overrides `name` in the config)")
+    p.add_argument("--output-dir", help="where run directories go (overrides `output_dir`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set training.max_steps=10 (value parsed as YAML)")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig | None:
+    """The validated config, or None after printing what is wrong (the caller exits with 2)."""
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return None
+        overrides[key] = yaml.safe_load(value)
+    if args.name:
+        overrides["name"] = args.name
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
