@@ -141,6 +141,9 @@ class TrainingConfig:
     baseline: Literal["rloo", "mean"] = "rloo"
     loss_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
     kl_coef: float = 0.0
+    # Autocast of the rollout and loss forwards; weights, optimizer state and the log-softmax stay
+    # float32. fp16 adds a gradient scaler and needs a GPU.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_steps: int = 40
     val_every: int = 5
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
@@ -444,6 +447,8 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(sc.gpus_per_worker >= 0, "training.scaling.gpus_per_worker", "must be >= 0")
     _check(not (sc.gpus_per_worker > 0 and not sc.use_gpu), "training.scaling.gpus_per_worker",
            "is > 0 but use_gpu is false; set training.scaling.use_gpu: true")
+    _check(t.precision != "fp16" or sc.use_gpu, "training.precision",
+           "fp16 autocast needs a GPU (training.scaling.use_gpu: true); use bf16 or fp32 on CPU")
     _check(t.max_failures >= -1, "training.max_failures", "must be >= 0 (or -1 for unlimited)")
 
     b = cfg.baselines

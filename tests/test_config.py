@@ -61,6 +61,7 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r.update(baselines={"methods": ["uniform", "mixture"]}), "baselines.methods[1]", "one of"),
     (lambda r: r.update(baselines={"methods": ["dynaopt", "dynaopt"]}), "baselines.methods", "repeat"),
     (lambda r: r.update(baselines={"dynaopt_gamma": 0.0}), "baselines.dynaopt_gamma", "(0, 1]"),
+    (lambda r: r["training"].update(precision="fp16"), "training.precision", "needs a GPU"),
     (lambda r: r["objectives"].update(uniform=r["objectives"]["overlap"]), "objectives.uniform", "baseline"),
 ])
 def test_bad_config_names_the_field(tiny_causal, tmp_path, mutate, path, words):

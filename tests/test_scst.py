@@ -126,3 +126,14 @@ def test_faithful_step_trains_on_retokenised_text_with_cls_and_no_eos(tiny_causa
         stats = scst_step(policy, policy.model, opt, ["I feel stuck", "My dog"], by_position, {"pos": 1.0}, cfg,
                           faithful=True)
         assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+
+
+def test_bf16_autocast_step_keeps_float32_weights(tiny_causal):
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
+    policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=2, alpha=4, dropout=0.0), "causal"))
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
+    by_position = LocalRewards({"pos": lambda prompts, texts: [0.2 + 0.1 * i for i in range(len(texts))]})
+    cfg = TrainingConfig(batch_size=2, k=2, max_new_tokens=4, precision="bf16")
+    stats = scst_step(policy, policy.model, opt, ["I feel stuck", "My dog"], by_position, {"pos": 1.0}, cfg)
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    assert all(p.dtype == torch.float32 for p in policy.model.parameters())

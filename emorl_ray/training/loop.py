@@ -114,6 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
     # The authors' convergence flag only ended the epoch (spec §10.7): under `faithful` training goes
     # on to the end of the epoch, while the reported counters stay those at convergence.
     steps_per_epoch = max(1, len(splits.train) // (t.batch_size * world))
+    # A fresh scaler after a resume re-calibrates within a few steps; its state is not checkpointed.
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
 
     state = {"step": 0, "data_points": 0, "train_seconds": 0.0, "val_history": [], "converged": False,
              "converged_at": None, "weighting": weighting.state_dict()}
@@ -144,7 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
         prompts = batch_for_step(splits.train, run["seed"], step, t.batch_size * world)
         prompts = prompts[rank * t.batch_size:(rank + 1) * t.batch_size]
         stats = scst_step(policy, train_model, optimizer, prompts, rewards, weighting.weights(), t, cfg.faithful,
-                          gen_model=model)
+                          gen_model=model, scaler=scaler)
         state["step"] = step + 1
         state["data_points"] += t.batch_size * world
         row = {"kind": "train", "step": state["step"], "data_points": state["data_points"], **stats}

@@ -132,13 +132,22 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -
     return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1)
 
 
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, reward_weights: dict[str, float],
-              cfg: TrainingConfig, faithful: bool = False, gen_model=None) -> dict:
-    """One k-SCST update. `model` may be DDP-wrapped; `gen_model` is the plain model for sampling."""
+              cfg: TrainingConfig, faithful: bool = False, gen_model=None, scaler=None) -> dict:
+    """One k-SCST update. `model` may be DDP-wrapped; `gen_model` is the plain model for sampling;
+    `scaler` a `torch.amp.GradScaler` for fp16."""
     gen_model = gen_model or model
     s = cfg.sampling
-    roll = sample(policy, gen_model, prompts, cfg.k, cfg.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                  dropout=faithful)
+    amp = autocast(policy.device, cfg.precision)
+    with amp:
+        roll = sample(policy, gen_model, prompts, cfg.k, cfg.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                      dropout=faithful)
     enc, ids, mask, texts = roll.enc, roll.response_ids, roll.response_mask, roll.texts
     if faithful:
         texts = [authors_postprocess(t) for t in texts]
@@ -149,21 +158,29 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     adv = advantages(r, cfg.k, cfg.baseline).to(ids.device)
 
     model.train()
-    logp = token_logprobs(policy, model, enc, ids, mask)
+    with amp:
+        logp = token_logprobs(policy, model, enc, ids, mask)
     loss = policy_loss(logp, mask, adv, cfg.loss_reduction)
     kl = float("nan")
     # The authors' KL term carried no gradient and was multiplied by zero-mean advantages: a no-op.
     if cfg.kl_coef > 0 and not faithful:
-        with torch.no_grad(), _adapter_disabled(gen_model):
+        with torch.no_grad(), _adapter_disabled(gen_model), amp:
             ref = token_logprobs(policy, gen_model, enc, ids, mask)
         kl_t = kl_penalty(logp, ref, mask)
         loss = loss + cfg.kl_coef * kl_t
         kl = kl_t.item()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    optimizer.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
 
     stats = {"loss": loss.item(), "reward": float(r.mean()), "kl": kl, "grad_norm": float(grad_norm),
              "response_tokens": float(roll.response_mask.sum(1).float().mean())}
