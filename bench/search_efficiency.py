@@ -139,7 +139,7 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     adapters = ensemble_adapters(cfg, read_manifest(run_dir))
     objectives = cfg.objective_names
     deploy_scorers(cfg)
-    const = {"app": APP_NAME, "max_new_tokens": cfg.search.max_new_tokens}
+    const = {"app": APP_NAME, "max_new_tokens": cfg.search.max_new_tokens, "aggregation": cfg.search.aggregation}
 
     out = {"objectives": objectives, "levels": levels}
     # Simplex search with 1 and 2 evaluator replicas (trial workers): per-level wall time.

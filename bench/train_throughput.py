@@ -7,7 +7,9 @@ step, side by side in one process on the same model, prompts, batch, k, LoRA and
 
 Both sample B prompts x k completions (temperature 1, no top-k/top-p, at most --max-new-tokens),
 score them with the same Python reward (word overlap), compute the leave-one-out advantage and take
-one AdamW step on a LoRA adapter (r 8, alpha 32, all linear layers, no dropout, no KL term). Times
+one AdamW step on a LoRA adapter (r 8, alpha 32, all linear layers, no dropout, no KL term, no
+gradient checkpointing, float32: TRL's defaults of checkpointing and bf16 are off here;
+`--trl-gradient-checkpointing` turns the first back on). Times
 are per optimizer step after --warmup steps; samples/s = B * k / step time. Completion lengths are
 reported too: a step with longer completions costs more, whoever runs it.
 Writes bench/results/train_throughput-<model>.json and prints a table.
@@ -102,7 +104,13 @@ def trl(path: str, prompts: list[str], args, tmp: str) -> dict:
         num_generations=args.k, max_completion_length=args.max_new_tokens, max_steps=args.warmup + args.steps,
         learning_rate=args.lr, beta=0.0, temperature=1.0, top_k=0, top_p=1.0, max_grad_norm=2.0,
         disable_dropout=True, logging_steps=1, save_strategy="no", report_to="none", use_cpu=args.device == "cpu",
-        seed=0, dataloader_num_workers=0, shuffle_dataset=False)
+        seed=0, dataloader_num_workers=0, shuffle_dataset=False,
+        # TRL turns gradient checkpointing on by default; ours does not checkpoint, so like for like
+        # it is off unless --trl-gradient-checkpointing.
+        gradient_checkpointing=args.trl_gradient_checkpointing,
+        # TRL also defaults to bf16 autocast; ours runs in float32 (training.precision: fp32), and so
+        # does TRL here (bf16 matmuls are emulated, and slow, on CPUs without native bf16).
+        bf16=False)
     trainer = RLOOTrainer(model=model, reward_funcs=overlap, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[StepTimer()],
                           peft_config=peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
@@ -130,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu only: the step runs where the model is")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (recomputes "
+                   "activations in the backward pass: less memory, slower)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     if args.quick:
@@ -147,7 +157,7 @@ def main(argv=None) -> int:
         results = {"ours (k-SCST)": ours(path, prompts, args), f"TRL {trl_pkg.__version__} RLOOTrainer": trl(
             path, prompts, args, tmp)}
     a, b = results.values()
-    out = {"model": args.model, "batch": args.batch, "k": args.k, "max_new_tokens": args.max_new_tokens,
+    out = {"model": args.model, "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "batch": args.batch, "k": args.k, "max_new_tokens": args.max_new_tokens,
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
            "results": results, "ratio_ours_over_trl": a["samples_per_s"] / b["samples_per_s"],
            "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -62,9 +62,11 @@ class SplitConfig:
 @dataclass
 class DataConfig:
     # demo: the client statements shipped with the package. file: any CSV/JSON/JSONL/parquet.
-    # pair / psych8k: the readers for the paper's data sets (path required).
-    source: Literal["demo", "file", "pair", "psych8k"] = "demo"
+    # pair / psych8k / annomi: readers for the paper's data sets and AnnoMI (path required).
+    source: Literal["demo", "file", "pair", "psych8k", "annomi"] = "demo"
     path: Optional[str] = None
+    # PAIR under `faithful`: the authors' row order of the DynaOpt copy (emorl_order.csv, emorl_row,row).
+    order_file: Optional[str] = None
     format: Literal["auto", "csv", "json", "jsonl", "parquet"] = "auto"
     prompt_column: str = "prompt"
     response_column: Optional[str] = None
@@ -78,10 +80,16 @@ class DataConfig:
 
 @dataclass
 class ScorerConfig:
-    type: Literal["embedding_similarity", "empathy_lexicon", "perplexity", "python"] = "python"
+    type: Literal["embedding_similarity", "empathy_lexicon", "perplexity", "hf_classifier", "cross_encoder",
+                  "python"] = "python"
     # embedding_similarity: an encoder (HF id, local dir or pip:<distribution>).
     # perplexity: a causal LM; "policy" reuses the policy's base model.
+    # hf_classifier / cross_encoder: a sequence-classification model directory or hub id.
     model: Optional[str] = None
+    # hf_classifier: what it reads (cross_encoder: always the pair) and how its logits become a score.
+    input: Literal["pair", "response"] = "pair"
+    output: Literal["sigmoid", "softmax", "regression"] = "sigmoid"
+    label: int = 1  # softmax: the class whose probability is the score
     # perplexity: what is scored and the cap C of the mapping (C - PPL) / C.
     mode: Literal["pair", "response_conditional", "response_only"] = "response_conditional"
     cap: float = 50.0
@@ -172,6 +180,9 @@ class SearchConfig:
     # How the adapters are combined (ensemble.hidden_state): EMORL's hidden states, or the
     # logit / parameter comparisons. The search and the evaluation both use it.
     aggregation: Literal["hidden_state", "logit", "parameter"] = "hidden_state"
+    # Comparisons (spec §6): each listed aggregation gets its own search and its own row in the
+    # evaluation, e.g. [logit, parameter].
+    compare_aggregations: list = field(default_factory=list)
     parameterization: Literal["simplex", "cube"] = "simplex"
     levels: int = 4
     cache: bool = True
@@ -189,6 +200,9 @@ class SearchConfig:
 class EvaluationConfig:
     max_new_tokens: int = 24
     num_samples_in_report: int = 5
+    # A second data set whose test split every method is also evaluated on, for generalisation
+    # (the paper: Psych8k; e.g. AnnoMI client utterances). Its own source, path and split.
+    generalization: Optional[DataConfig] = None
 
 
 @dataclass
@@ -364,6 +378,37 @@ def _parse_objectives(raw: Any) -> dict[str, ObjectiveConfig]:
     return out
 
 
+def _existing_file(value: str, path: str, base_dir: Path | None) -> str:
+    """An absolute path to an existing file; relative paths may be relative to the config file."""
+    p = Path(value).expanduser()
+    if not p.is_absolute() and base_dir is not None and not p.exists():
+        p = base_dir / p
+    _check(p.is_file(), path, f"file {str(p)!r} does not exist")
+    return str(p.resolve())
+
+
+def _validate_data(d: DataConfig, prefix: str, base_dir: Path | None) -> None:
+    s = d.split
+    for part in ("train", "val", "test"):
+        v = getattr(s, part)
+        _check(0 < v < 1, f"{prefix}.split.{part}", f"must be a fraction in (0, 1), got {v}")
+    _check(abs(s.train + s.val + s.test - 1.0) < 1e-6, f"{prefix}.split",
+           f"train + val + test must sum to 1, got {s.train + s.val + s.test:g}")
+    if d.source == "demo":
+        _check(d.path is None, f"{prefix}.path",
+               "the demo source ships its own data; remove `path` or set `source: file`")
+    else:
+        _check(d.path is not None, f"{prefix}.path", f"source {d.source!r} needs a path to the data file")
+        d.path = _existing_file(d.path, f"{prefix}.path", base_dir)
+    if d.order_file is not None:
+        _check(d.source == "pair", f"{prefix}.order_file", "only the PAIR reader uses a row-order file")
+        d.order_file = _existing_file(d.order_file, f"{prefix}.order_file", base_dir)
+    _check(d.max_prompt_chars > 0, f"{prefix}.max_prompt_chars", "must be > 0")
+    for name in ("limit", "max_val", "max_test"):
+        v = getattr(d, name)
+        _check(v is None or v > 0, f"{prefix}.{name}", "must be > 0 (or null for no cap)")
+
+
 def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentConfig:
     _check(cfg.name.replace("-", "_").replace(".", "_").isidentifier(), "name",
            "use letters, digits, '-', '_' or '.' only (it names the run directory)")
@@ -374,26 +419,9 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(m.max_prompt_tokens >= 8, "model.max_prompt_tokens", "must be >= 8")
     _check("{prompt}" in m.prompt_template, "model.prompt_template", "must contain '{prompt}'")
 
-    d = cfg.data
-    s = d.split
-    for part in ("train", "val", "test"):
-        v = getattr(s, part)
-        _check(0 < v < 1, f"data.split.{part}", f"must be a fraction in (0, 1), got {v}")
-    _check(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split",
-           f"train + val + test must sum to 1, got {s.train + s.val + s.test:g}")
-    if d.source == "demo":
-        _check(d.path is None, "data.path", "the demo source ships its own data; remove `path` or set `source: file`")
-    else:
-        _check(d.path is not None, "data.path", f"source {d.source!r} needs a path to the data file")
-        p = Path(d.path).expanduser()
-        if not p.is_absolute() and base_dir is not None and not p.exists():
-            p = base_dir / p
-        _check(p.is_file(), "data.path", f"file {str(p)!r} does not exist")
-        d.path = str(p.resolve())
-    _check(d.max_prompt_chars > 0, "data.max_prompt_chars", "must be > 0")
-    for name in ("limit", "max_val", "max_test"):
-        v = getattr(d, name)
-        _check(v is None or v > 0, f"data.{name}", "must be > 0 (or null for no cap)")
+    _validate_data(cfg.data, "data", base_dir)
+    if cfg.evaluation.generalization is not None:
+        _validate_data(cfg.evaluation.generalization, "evaluation.generalization", base_dir)
 
     for name, obj in cfg.objectives.items():
         sc = obj.scorer
@@ -406,6 +434,12 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
             if sc.model != "policy":
                 _check_model_ref(sc.model, f"{p}.model")
             _check(sc.cap > 0, f"{p}.cap", "must be > 0")
+        if sc.type in ("hf_classifier", "cross_encoder"):
+            _check(sc.model is not None, f"{p}.model", f"{sc.type} needs a sequence-classification model")
+            _check_model_ref(sc.model, f"{p}.model")
+            _check(sc.type == "hf_classifier" or sc.input == "pair", f"{p}.input",
+                   "a cross_encoder reads (prompt, response) pairs; use hf_classifier for response-only models")
+            _check(sc.label >= 0, f"{p}.label", "must be >= 0")
         if sc.type == "python":
             _check(sc.function is not None and ":" in sc.function, f"{p}.function",
                    "python scorers need `function: package.module:callable`")
@@ -463,6 +497,12 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(b.dynaopt_history >= 1, "baselines.dynaopt_history", "must be >= 1")
 
     se = cfg.search
+    for i, a in enumerate(se.compare_aggregations):
+        _check(a in ("hidden_state", "logit", "parameter") and a != se.aggregation,
+               f"search.compare_aggregations[{i}]",
+               f"must be hidden_state, logit or parameter, other than search.aggregation; got {a!r}")
+    _check(len(set(se.compare_aggregations)) == len(se.compare_aggregations), "search.compare_aggregations",
+           "must not repeat an aggregation")
     _check(se.levels >= 1, "search.levels", "must be >= 1")
     _check(len(cfg.objectives) >= 2, "objectives",
            "EMORL aggregates several objectives; configure at least two")

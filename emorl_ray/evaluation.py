@@ -55,15 +55,19 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, 1.96 * sd / math.sqrt(n)
 
 
-def methods_to_evaluate(objectives: list[str], best_weights: dict, baselines: list[dict] = ()) -> dict[str, dict]:
-    """Method name -> how it generates (`weights` over adapters, or a full `model_path`) and which
-    training runs it cost."""
+def methods_to_evaluate(objectives: list[str], best_weights: dict, baselines: list[dict] = (),
+                        compared: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Method name -> how it generates (`weights` over adapters and their `aggregation`, or a full
+    `model_path`) and which training runs it cost. `compared`: aggregation -> its searched weights."""
     methods = {"base model": {"weights": None, "runs": []}}
     for o in objectives:
         methods[f"single: {o}"] = {"weights": {o: 1.0}, "runs": [o]}
     methods["ensemble, equal weights"] = {"weights": {o: 1.0 for o in objectives}, "runs": list(objectives)}
     methods["EMORL (searched weights)"] = {"weights": best_weights,
                                            "runs": [o for o in objectives if best_weights[o] > 0]}
+    for aggregation, w in (compared or {}).items():
+        methods[f"{aggregation} aggregation (searched weights)"] = {
+            "weights": w, "aggregation": aggregation, "runs": [o for o in objectives if w[o] > 0]}
     for m in baselines:
         label = f"baseline: {m['name']}" + ("" if m["lora"] else " (full fine-tune)")
         methods[label] = ({"weights": {m["name"]: 1.0}, "runs": [m["name"]]} if m["lora"] else
@@ -72,20 +76,24 @@ def methods_to_evaluate(objectives: list[str], best_weights: dict, baselines: li
 
 
 def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests: list[dict],
-             baselines: list[dict] = ()) -> tuple[dict, list]:
+             baselines: list[dict] = (), compared: dict[str, dict] | None = None) -> tuple[dict, list]:
+    """Every method on the test split (and on `evaluation.generalization`'s test split, if set)."""
     handle = serve.get_app_handle(APP_NAME)
     objectives = cfg.objective_names
-    methods = methods_to_evaluate(objectives, best_weights, baselines)
+    methods = methods_to_evaluate(objectives, best_weights, baselines, compared)
+    splits = ["test"] + (["generalization"] if cfg.evaluation.generalization is not None else [])
     # All methods at once: the deployment serialises generation, scoring overlaps.
-    pending = {name: handle.evaluate.remote(m["weights"], "test", cfg.evaluation.max_new_tokens, True,
-                                            m.get("model_path"))
-               for name, m in methods.items()}
+    pending = {(split, name): handle.evaluate.remote(m["weights"], split, cfg.evaluation.max_new_tokens, True,
+                                                     m.get("model_path"), m.get("aggregation"))
+               for split in splits for name, m in methods.items()}
     first_seed = cfg.training.seeds[0]
     cost = {m["name"]: m for m in manifests if m["seed"] == first_seed}
-    table, samples = [], []
-    for name, resp in pending.items():
+    tables: dict[str, list] = {split: [] for split in splits}
+    samples = []
+    for (split, name), resp in pending.items():
         res = resp.result()
-        row = {"method": name, "weights": methods[name]["weights"]}
+        row = {"method": name, "weights": methods[name]["weights"],
+               "aggregation": methods[name].get("aggregation", cfg.search.aggregation)}
         for o in objectives:
             row[o], row[f"{o}_ci95"] = mean_ci(res["scores"][o])
         row["average"] = sum(row[o] for o in objectives) / len(objectives)
@@ -96,12 +104,15 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests
         row["train_data_points"] = sum(r["data_points"] for r in runs)
         row["train_seconds"] = round(sum(r["train_seconds"] for r in runs), 1)
         row["n_prompts"] = res["n"]
-        table.append(row)
+        tables[split].append(row)
         for i, (p, r) in enumerate(zip(res["prompts"], res["responses"])):
-            samples.append({"method": name, "i": i, "prompt": p, "response": r,
+            samples.append({"split": split, "method": name, "i": i, "prompt": p, "response": r,
                             **{o: res["scores"][o][i] for o in objectives}})
-        log.info("eval %-28s average %.4f", name, row["average"])
-    result = {"decoding": "greedy", "aggregation": cfg.search.aggregation, "split": "test", "methods": table}
+        log.info("eval %-14s %-28s average %.4f", split, name, row["average"])
+    result = {"decoding": "greedy", "aggregation": cfg.search.aggregation, "split": "test", "methods": tables["test"]}
+    if "generalization" in tables:
+        g = cfg.evaluation.generalization
+        result["generalization"] = {"source": g.source, "path": g.path, "methods": tables["generalization"]}
     atomic_write_json(run_dir / "eval" / "metrics.json", result)
     write_parquet(run_dir / "eval" / "samples.parquet", samples)
     return result, samples

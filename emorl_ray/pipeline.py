@@ -17,17 +17,29 @@ from emorl_ray.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def saved_experiment(run_dir: Path) -> dict | None:
+    """The experiment a run directory holds, re-read with today's schema (fields added since it
+    was written take their defaults), or None when there is none or it no longer parses."""
+    from emorl_ray.config import parse_config
+
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return None
+    try:
+        return parse_config(yaml.safe_load(saved.read_text())).to_dict()
+    except ConfigError:
+        return None
+
+
 def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     """Create the run directory, or resume it if it holds the same experiment."""
     run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if saved.exists():
-        if saved.read_text() != text:
+    if (run_dir / "config.yaml").exists():
+        if saved_experiment(run_dir) != cfg.to_dict():
             raise ConfigError("name", f"run directory {run_dir} holds a different experiment; choose another "
                               "`name` (or --name), or delete that directory")
         log.info("resuming run directory %s", run_dir)
-    atomic_write_text(saved, text)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
 
 
@@ -80,7 +92,7 @@ def run(cfg: ExperimentConfig) -> dict:
 
     t_start = time.time()
     # Everything that can fail on bad input fails here, before Ray starts.
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, cfg.faithful)
     # Converts a GGUF once, here in the driver, and checks that the model config loads.
     model_kind(resolve(cfg.model.id, cfg.model.gguf_file, cfg.model.cache_dir), cfg.model)
     run_dir = prepare_run_dir(cfg)
@@ -103,10 +115,13 @@ def run(cfg: ExperimentConfig) -> dict:
         t = time.time()
         deploy_evaluator(cfg, adapters)
         search = run_search(cfg, run_dir, cfg.objective_names)
+        # The comparison aggregations (spec §6), each with its own searched weights.
+        compared = {a: run_search(cfg, run_dir, cfg.objective_names, a)["best_weights"]
+                    for a in cfg.search.compare_aggregations}
         timings["search_wall_s"] = time.time() - t
 
         t = time.time()
-        evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests, baselines)
+        evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests, baselines, compared)
         timings["eval_wall_s"] = time.time() - t
         report = write_report(run_dir, cfg, splits.summary(), manifests, search, evaluation, samples,
                               cfg.evaluation.num_samples_in_report)
@@ -134,8 +149,10 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
         if o not in cfg.objectives:
             raise ConfigError("--objective", f"{o!r} is not an objective of this config "
                               f"({', '.join(cfg.objective_names)}); add it under `objectives:` with its scorer")
-    old, new = yaml.safe_load(saved.read_text()), cfg.to_dict()
+    old, new = saved_experiment(run_dir), cfg.to_dict()
     without = dict(new, objectives={k: v for k, v in new["objectives"].items() if k not in objectives})
+    if old is None:
+        raise ConfigError("name", f"{saved} no longer parses; start a new run")
     if old != new and old != without:
         fields = sorted(k for k in new if old.get(k) != without.get(k))
         raise ConfigError("--config", f"differs from {saved} in {fields}, not only in the objectives "

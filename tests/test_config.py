@@ -23,6 +23,12 @@ def test_faithful_config_with_a_pair_file(tmp_path):
     raw = yaml.safe_load(open("configs/pair_t5_faithful.yaml"))
     raw["data"]["path"] = str(pair)
     raw["model"]["id"] = "google-t5/t5-base"
+    with pytest.raises(ConfigError) as e:  # the reflection scorer is trained first (jobs/train_scorer.py)
+        parse_config(raw)
+    assert e.value.path == "objectives.reflection.scorer.model"
+    (tmp_path / "scorer").mkdir()
+    (tmp_path / "scorer" / "config.json").write_text("{}")
+    raw["objectives"]["reflection"]["scorer"]["model"] = str(tmp_path / "scorer")
     cfg = parse_config(raw)
     assert cfg.faithful and cfg.training.sampling.top_k == 50 and cfg.search.parameterization == "cube"
     assert cfg.training.baseline == "mean" and cfg.training.loss_reduction == "sequence_sum"
@@ -61,6 +67,11 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r.update(baselines={"methods": ["uniform", "mixture"]}), "baselines.methods[1]", "one of"),
     (lambda r: r.update(baselines={"methods": ["dynaopt", "dynaopt"]}), "baselines.methods", "repeat"),
     (lambda r: r.update(baselines={"dynaopt_gamma": 0.0}), "baselines.dynaopt_gamma", "(0, 1]"),
+    (lambda r: r["objectives"]["overlap"].update(scorer={"type": "cross_encoder"}), "objectives.overlap.scorer.model",
+     "sequence-classification"),
+    (lambda r: r["objectives"]["overlap"].update(scorer={"type": "cross_encoder", "model": "org/x", "input": "response"}),
+     "objectives.overlap.scorer.input", "pairs"),
+    (lambda r: r["data"].update(order_file="/nonexistent.csv"), "data.order_file", "PAIR"),
     (lambda r: r["training"].update(precision="fp16"), "training.precision", "needs a GPU"),
     (lambda r: r["objectives"].update(uniform=r["objectives"]["overlap"]), "objectives.uniform", "baseline"),
 ])
@@ -104,3 +115,21 @@ def test_faithful_changes_defaults_but_explicit_values_win(tiny_causal, tmp_path
     from emorl_ray.config import config_from_dict
 
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_pair_smollm2_config_takes_the_data_paths(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/pair_smollm2.yaml")
+    assert e.value.path == "data.path"
+    data = tmp_path / "pair.csv"
+    data.write_text("a,b,c,d,e,f,g,h,i,j\n")
+    (tmp_path / "scorer").mkdir()
+    (tmp_path / "scorer" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/pair_smollm2.yaml", {"data.path": str(data),
+                                                   "objectives.reflection.scorer.model": str(tmp_path / "scorer")})
+    assert e.value.path == "evaluation.generalization.path"
+    cfg = load_config("configs/pair_smollm2.yaml", {"data.path": str(data), "evaluation.generalization.path": str(data),
+                                                     "objectives.reflection.scorer.model": str(tmp_path / "scorer")})
+    assert cfg.search.compare_aggregations == ["logit", "parameter"] and cfg.baselines.methods == ["uniform", "dynaopt"]
+    assert cfg.evaluation.generalization.source == "annomi"

@@ -18,6 +18,10 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path):
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
     raw["baselines"] = {"methods": ["uniform", "dynaopt"]}
+    other = tmp_path / "other.csv"  # a second data set, for the generalisation table
+    other.write_text("prompt\n" + "".join(f"I keep worrying about thing number {i}.\n" for i in range(30)))
+    raw["evaluation"]["generalization"] = {"source": "file", "path": str(other)}
+    raw["search"]["compare_aggregations"] = ["parameter"]
     tiny_config = parse_config(raw)
     summary = run(tiny_config)
     run_dir = tiny_config.run_dir
@@ -41,13 +45,17 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path):
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     methods = [m["method"] for m in metrics["methods"]]
     assert methods[0] == "base model" and "EMORL (searched weights)" in methods
-    assert {"baseline: uniform", "baseline: dynaopt"} <= set(methods)
+    assert {"baseline: uniform", "baseline: dynaopt", "parameter aggregation (searched weights)"} <= set(methods)
+    compared = json.loads((run_dir / "search" / "parameter" / "result.json").read_text())
+    assert compared["aggregation"] == "parameter" and compared["trials"] == 4
     by_name = {m["method"]: m for m in metrics["methods"]}
     assert by_name["baseline: uniform"]["train_data_points"] == 8  # its own run, not the objectives'
     assert by_name["ensemble, equal weights"]["train_data_points"] == 16
+    gen = metrics["generalization"]["methods"]
+    assert [m["method"] for m in gen] == methods and all(m["n_prompts"] == 3 for m in gen)
     assert all(m["n_prompts"] == 4 for m in metrics["methods"])
     report = (run_dir / "report.md").read_text()
-    assert "## Test results" in report and "EMORL (searched weights)" in report
+    assert "## Test results" in report and "EMORL (searched weights)" in report and "## Generalisation" in report
 
     # Re-running the same experiment resumes: nothing is trained or searched again.
     trial_dirs = sorted(p.name for p in (run_dir / "ray" / "search-overlap-brevity").iterdir() if p.is_dir())

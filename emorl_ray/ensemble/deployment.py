@@ -38,20 +38,23 @@ class EnsembleEvaluator:
         cfg = config_from_dict(experiment)
         self.cfg = cfg
         self.ensemble = load_ensemble(cfg, adapters, device, cfg.search.evaluator_cpus)
-        splits = load_splits(cfg.data)
+        splits = load_splits(cfg.data, cfg.faithful)
         self.prompts = {"val": [r["prompt"] for r in splits.val], "test": [r["prompt"] for r in splits.test]}
+        if cfg.evaluation.generalization is not None:
+            gen = load_splits(cfg.evaluation.generalization)
+            self.prompts["generalization"] = [r["prompt"] for r in gen.test]
         self.rewards = ServeRewards(cfg.objective_names)
         # One generation at a time per replica: they are compute-bound and share the weights.
         self._lock = threading.Lock()
         self._full = (None, None)  # (path, Policy) of the fully fine-tuned model loaded last
 
-    def _generate(self, prompts, weights, max_new_tokens):
+    def _generate(self, prompts, weights, max_new_tokens, aggregation):
         with self._lock:
             if weights is not None:  # adapters left out of `weights` take no part
                 unknown = set(weights) - set(self.ensemble.names)
                 weights = {n: weights.get(n, 0.0) for n in self.ensemble.names} | {n: weights[n] for n in unknown}
             return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size,
-                                          aggregation=self.cfg.search.aggregation)
+                                          aggregation=aggregation)
 
     def _generate_full(self, prompts, model_path, max_new_tokens):
         import copy
@@ -70,9 +73,11 @@ class EnsembleEvaluator:
             return greedy_generate(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size)
 
     async def evaluate(self, weights: dict | None, split: str = "val", max_new_tokens: int | None = None,
-                       return_samples: bool = False, model_path: str | None = None) -> dict:
-        """Generate for every prompt of `split` with `weights` (None = base model), or with the fully
-        fine-tuned model saved at `model_path`, greedily, and score it."""
+                       return_samples: bool = False, model_path: str | None = None,
+                       aggregation: str | None = None) -> dict:
+        """Generate for every prompt of `split` with `weights` (None = base model) combined by
+        `aggregation` (default: search.aggregation), or with the fully fine-tuned model saved at
+        `model_path`, greedily, and score it."""
         if split not in self.prompts:
             raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
         prompts = self.prompts[split]
@@ -80,7 +85,8 @@ class EnsembleEvaluator:
         if model_path is not None:
             texts = await asyncio.to_thread(self._generate_full, prompts, model_path, max_new_tokens)
         else:
-            texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens)
+            texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens,
+                                            aggregation or self.cfg.search.aggregation)
         scores = await self.rewards.ascore_all(prompts, texts)
         means = {o: sum(v) / len(v) for o, v in scores.items()}
         out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts)}

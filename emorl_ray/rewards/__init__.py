@@ -52,6 +52,11 @@ def build_scorer(cfg: ScorerConfig, policy_model: ModelConfig) -> Scorer:
         from emorl_ray.rewards.fluency import PerplexityFluency
 
         return PerplexityFluency(cfg.model, policy_model, mode=cfg.mode, cap=cfg.cap, batch_size=cfg.batch_size)
+    if cfg.type in ("hf_classifier", "cross_encoder"):
+        from emorl_ray.rewards.classifier import HFClassifier
+
+        return HFClassifier(cfg.model, input=cfg.input, output=cfg.output, label=cfg.label, batch_size=cfg.batch_size,
+                            device="cuda" if cfg.num_gpus > 0 else "cpu")
     return load_python_scorer(cfg.function)
 
 

@@ -32,7 +32,7 @@ def evaluate_weights(config: dict) -> None:
         tune.report({METRIC: float("nan"), "degenerate": True})
         return
     handle = serve.get_app_handle(config["app"])
-    res = handle.evaluate.remote(weights, "val", config["max_new_tokens"]).result()
+    res = handle.evaluate.remote(weights, "val", config["max_new_tokens"], aggregation=config["aggregation"]).result()
     tune.report({METRIC: res["mean"], **{f"score/{o}": v for o, v in res["per_objective"].items()}})
 
 
@@ -42,11 +42,16 @@ def searcher_state(exp_path: Path) -> dict:
     return json.loads(files[-1].read_text()) if files else {}
 
 
-def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> dict:
+def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggregation: str | None = None) -> dict:
+    """Search the weights of `aggregation` (default: search.aggregation). Results go to `search/`,
+    or to `search/<aggregation>/` for the comparisons of search.compare_aggregations."""
     se = cfg.search
+    aggregation = aggregation or se.aggregation
+    main = aggregation == se.aggregation
+    out_dir = run_dir / "search" if main else run_dir / "search" / aggregation
     storage = run_dir / "ray"
     # One experiment per set of adapters: adding an objective (jobs/train_objective.py) starts a new search.
-    name = "search-" + "-".join(objectives)
+    name = "search-" + ("" if main else aggregation + "-") + "-".join(objectives)
     exp_path = storage / name
     trainable = tune.with_resources(evaluate_weights, {"cpu": 0.01})
     if tune.Tuner.can_restore(str(exp_path)):
@@ -57,7 +62,7 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> d
                                             parameterization=se.parameterization, cache=se.cache)
         tuner = tune.Tuner(
             trainable,
-            param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens},
+            param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens, "aggregation": aggregation},
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                         max_concurrent_trials=se.max_concurrent_trials),
             run_config=tune.RunConfig(name=name, storage_path=str(storage),
@@ -82,20 +87,21 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str]) -> d
                            f"{exp_path}")
     best = max(scored, key=lambda p: p["score"])
     total = sum(best[f"w/{o}"] for o in objectives)
-    result = {"parameterization": se.parameterization, "levels": se.levels, "trials": len(points),
+    result = {"aggregation": aggregation, "parameterization": se.parameterization, "levels": se.levels, "trials": len(points),
               "failed_trials": len(points) - len(scored), "best_score": best["score"],
               "best_weights": {o: best[f"w/{o}"] for o in objectives},
               "best_weights_normalized": {o: best[f"w/{o}"] / total for o in objectives},
               "best_per_objective": {o: best[f"score/{o}"] for o in objectives}}
     state = searcher_state(exp_path)
     result["path"] = state.get("path", [])
-    write_parquet(run_dir / "search" / "points.parquet", points)
+    write_parquet(out_dir / "points.parquet", points)
     if len(objectives) == 3:
         from emorl_ray.search.plots import ternary_heatmap
 
-        ternary_heatmap(points, objectives, run_dir / "search" / "heatmap.png", best=result["best_weights"],
+        ternary_heatmap(points, objectives, out_dir / "heatmap.png", best=result["best_weights"],
                         search_path=result["path"],
-                        title=f"{se.parameterization} search, {len(points)} trials, best {best['score']:.4f}")
-    atomic_write_json(run_dir / "search" / "result.json", result)
-    log.info("search: %d trials, best %.4f at %s", len(points), best["score"], result["best_weights"])
+                        title=f"{aggregation}: {se.parameterization} search, {len(points)} trials, "
+                              f"best {best['score']:.4f}")
+    atomic_write_json(out_dir / "result.json", result)
+    log.info("search (%s): %d trials, best %.4f at %s", aggregation, len(points), best["score"], result["best_weights"])
     return result

@@ -104,7 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
     policy, optimizer = build_trainable(cfg, device, lora)
     model = policy.model
     train_model = ray.train.torch.prepare_model(model) if world > 1 else model
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, cfg.faithful)
     val_prompts = [r["prompt"] for r in splits.val]
     objectives = list(run["reward_weights"])
     rewards = ServeRewards(objectives)
