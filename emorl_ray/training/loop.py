@@ -124,7 +124,9 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             state, history = load_checkpoint(Path(d), model, optimizer, lora)
-        weighting.load_state_dict(state["weighting"])
+        if state.get("weighting"):  # checkpoints of fixed-weight runs (and older ones) carry none
+            weighting.load_state_dict(state["weighting"])
+        state.setdefault("converged_at", None)
         log.info("[%s] resumed at step %d (%d data points)", run["name"], state["step"], state["data_points"])
 
     def finished() -> bool:
