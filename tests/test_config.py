@@ -23,6 +23,8 @@ def test_faithful_config_with_a_pair_file(tmp_path):
     raw = yaml.safe_load(open("configs/pair_t5_faithful.yaml"))
     raw["data"]["path"] = str(pair)
     raw["model"]["id"] = "google-t5/t5-base"
+    assert raw["objectives"]["reflection"]["scorer"]["model"] == "./models/reflection_scorer"
+    raw["objectives"]["reflection"]["scorer"]["model"] = str(tmp_path / "not_trained_yet")
     with pytest.raises(ConfigError) as e:  # the reflection scorer is trained first (jobs/train_scorer.py)
         parse_config(raw)
     assert e.value.path == "objectives.reflection.scorer.model"
