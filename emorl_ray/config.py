@@ -158,6 +158,9 @@ class TrainingConfig:
     seeds: list = field(default_factory=lambda: [0])
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     max_failures: int = 2
+    # Where Ray Train keeps checkpoints: a local directory or a URI Ray's storage understands
+    # (s3://, gs://, file://...); default <run dir>/ray. Adapters and manifests stay in the run dir.
+    storage_path: Optional[str] = None
 
 
 @dataclass
@@ -483,6 +486,9 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
            "is > 0 but use_gpu is false; set training.scaling.use_gpu: true")
     _check(t.precision != "fp16" or sc.use_gpu, "training.precision",
            "fp16 autocast needs a GPU (training.scaling.use_gpu: true); use bf16 or fp32 on CPU")
+    if t.storage_path is not None:
+        _check("://" in t.storage_path or Path(t.storage_path).expanduser().is_absolute(), "training.storage_path",
+               "must be an absolute directory or a URI such as s3://bucket/prefix")
     _check(t.max_failures >= -1, "training.max_failures", "must be >= 0 (or -1 for unlimited)")
 
     b = cfg.baselines

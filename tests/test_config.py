@@ -74,6 +74,7 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r["objectives"]["overlap"].update(scorer={"type": "cross_encoder", "model": "org/x", "input": "response"}),
      "objectives.overlap.scorer.input", "pairs"),
     (lambda r: r["data"].update(order_file="/nonexistent.csv"), "data.order_file", "PAIR"),
+    (lambda r: r["training"].update(storage_path="relative/dir"), "training.storage_path", "URI"),
     (lambda r: r["training"].update(precision="fp16"), "training.precision", "needs a GPU"),
     (lambda r: r["objectives"].update(uniform=r["objectives"]["overlap"]), "objectives.uniform", "baseline"),
 ])

@@ -137,3 +137,18 @@ def test_bf16_autocast_step_keeps_float32_weights(tiny_causal):
     stats = scst_step(policy, policy.model, opt, ["I feel stuck", "My dog"], by_position, {"pos": 1.0}, cfg)
     assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     assert all(p.dtype == torch.float32 for p in policy.model.parameters())
+
+
+def test_gradient_scaler_path(tiny_causal):
+    """The fp16 path's scaler (unscale, clip, step, update) on CPU with a CPU scaler."""
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
+    policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=2, alpha=4, dropout=0.0), "causal"))
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    by_position = LocalRewards({"pos": lambda prompts, texts: [0.2 + 0.1 * i for i in range(len(texts))]})
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stats = scst_step(policy, policy.model, opt, ["I feel stuck", "My dog"], by_position, {"pos": 1.0},
+                      TrainingConfig(batch_size=2, k=2, max_new_tokens=4), scaler=scaler)
+    assert 0 < stats["grad_norm"] < 1024  # unscaled before clipping
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))

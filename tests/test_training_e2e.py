@@ -115,12 +115,14 @@ def test_two_workers_train_one_adapter_with_ddp(ray_with_scorers, tmp_path):
     """num_workers > 1: DDP over the adapter parameters, each worker its share of the batch."""
     from emorl_ray.training.launch import TrainJob, fit
 
+    # Checkpoints through a storage URI (file:// here; s3:// or gs:// on a cluster).
     cfg = _config(ray_with_scorers, **{"training.scaling.num_workers": 2, "training.scaling.cpus_per_worker": 0.25,
-                                       "training.max_steps": 2})
+                                       "training.max_steps": 2, "training.storage_path": f"file://{tmp_path}/store"})
     m = fit(cfg, tmp_path, TrainJob("overlap", {"overlap": 1.0}, seed=0))
     assert m["steps"] == 2 and m["data_points"] == 2 * 2 * 2  # steps x batch x workers
     rows = pq.read_table(m["metrics_path"]).to_pylist()
     assert [r["step"] for r in rows if r["kind"] == "val"] == [2]
+    assert m["ray_checkpoint"].startswith(str(tmp_path / "store"))
 
 
 def test_faithful_training_runs_on_to_the_end_of_the_epoch(ray_with_scorers, tmp_path):

@@ -74,7 +74,8 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
                                    "method": job.method, "lora": job.lora},
                            **(extra or {})},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"train-{job.run_name}", storage_path=str(run_dir / "ray"),
+        run_config=RunConfig(name=f"train-{job.run_name}",
+                             storage_path=cfg.training.storage_path or str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.training.max_failures)),
     )
     result = trainer.fit()
