@@ -30,16 +30,6 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def table(methods: list[dict], objectives: list[str]) -> str:
-    head = ["method"] + objectives + ["average", "distinct-2", "edit rate", "train data points", "train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        lines.append("| " + " | ".join([m["method"]] + [f"{m[o]:.4f}" for o in objectives] + [
-            f"{m['average']:.4f}", f"{m['distinct_2']:.3f}", f"{m['edit_rate']:.3f}", str(m["train_data_points"]),
-            f"{m['train_seconds']:.0f}"]) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", default=str(SHARED / "pair" / "topic_clean_umich.csv"))
@@ -88,15 +78,16 @@ def main(argv=None) -> int:
     objectives = cfg.objective_names
     out = {"command": "python bench/pair_reproduction.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "config": cfg.to_dict(), "scorer": {k: v for k, v in scorer_metrics.items() if k != "history"},
-           "scorer_wall_s": round(scorer_s, 1), "pipeline": summary, "test": metrics["methods"],
-           "generalization": metrics.get("generalization", {}).get("methods")}
+           "scorer_wall_s": round(scorer_s, 1), "pipeline": summary, "tables": metrics["tables"],
+           "pareto": metrics.get("pareto")}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "pair_reproduction.json").write_text(json.dumps(out, indent=2))
-    print(f"\nPAIR test ({metrics['methods'][0]['n_prompts']} prompts, greedy):\n")
-    print(table(metrics["methods"], objectives))
-    if out["generalization"]:
-        print(f"\nAnnoMI client utterances ({out['generalization'][0]['n_prompts']} prompts, greedy):\n")
-        print(table(out["generalization"], objectives))
+    from emorl_ray.report import results_table, to_markdown
+
+    for t in metrics["tables"]:
+        where = "PAIR test" if t["split"] == "test" else f"{t['source']} (generalisation)"
+        print(f"\n{where}, {t['decoding']} decoding ({t['methods'][0]['n_prompts']} prompts):\n")
+        print(to_markdown([("table", *results_table(t["methods"], objectives))]))
     return 0
 
 

@@ -23,18 +23,30 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set training.max_steps=10 (value parsed as YAML)")
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig | None:
-    """Set up a job's logging and environment; return the validated config, or None after printing
-    what is wrong (the caller exits with 2)."""
+def setup_job() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_overrides(items: list[str]) -> dict | None:
+    """`--set KEY=VALUE` items -> {KEY: value parsed as YAML}; None after printing a malformed one."""
     overrides = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             print(f"error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
             return None
         overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig | None:
+    """Set up a job's logging and environment; return the validated config, or None after printing
+    what is wrong (the caller exits with 2)."""
+    setup_job()
+    overrides = parse_overrides(args.set)
+    if overrides is None:
+        return None
     if args.name:
         overrides["name"] = args.name
     if args.output_dir:

@@ -99,6 +99,7 @@ class ScorerConfig:
     num_replicas: int = 1
     num_cpus: float = 0.1
     num_gpus: float = 0.0
+    resources: dict = field(default_factory=dict)  # custom Ray resources per replica (placement)
 
 
 @dataclass
@@ -133,6 +134,9 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    # Custom Ray resources per worker (e.g. {trainer_node: 1}): pins trainers to the nodes that
+    # advertise them (`ray start --resources='{"trainer_node": 4}'`).
+    resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +162,9 @@ class TrainingConfig:
     seeds: list = field(default_factory=lambda: [0])
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     max_failures: int = 2
+    # Checkpoints Ray Train keeps per run (the newest ones): a corrupt newest checkpoint is replaced
+    # by the one before it on resume, so keep at least 2.
+    keep_checkpoints: int = 2
     # Where Ray Train keeps checkpoints: a local directory or a URI Ray's storage understands
     # (s3://, gs://, file://...); default <run dir>/ray. Adapters and manifests stay in the run dir.
     storage_path: Optional[str] = None
@@ -195,14 +202,30 @@ class SearchConfig:
     evaluator_replicas: int = 1
     evaluator_cpus: float = 0.5
     evaluator_gpus: float = 0.0
+    evaluator_resources: dict = field(default_factory=dict)  # custom Ray resources per replica
     batch_size: int = 16
     max_failures: int = 1  # retries of a failed trial before it counts as the worst score
+
+
+EVAL_METHODS = ("base", "single", "equal", "emorl", "compared", "baselines")
+DECODINGS = ("greedy", "sampled")
 
 
 @dataclass
 class EvaluationConfig:
     max_new_tokens: int = 24
     num_samples_in_report: int = 5
+    # Which methods get a row (jobs/evaluate.py --methods sets it too); the baselines and the
+    # comparison aggregations only if they were trained / searched.
+    methods: list = field(default_factory=lambda: list(EVAL_METHODS))
+    # Every method under every decoding listed. The authors decoded EMORL greedily and the
+    # baselines by sampling (spec §9.1, a confound); here each table uses one decoding for all.
+    decodings: list = field(default_factory=lambda: ["greedy", "sampled"])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Sampled decoding: generations per prompt (scores are averaged per prompt before the CI),
+    # and the seed, so a re-evaluation draws the same samples.
+    samples_per_prompt: int = 1
+    seed: int = 567654
     # A second data set whose test split every method is also evaluated on, for generalisation
     # (the paper: Psych8k; e.g. AnnoMI client utterances). Its own source, path and split.
     generalization: Optional[DataConfig] = None
@@ -228,6 +251,9 @@ class ExperimentConfig:
     output_dir: str = "runs"
     # Reproduce the authors' behaviour where it changes numbers (spec §10). Default: fixed.
     faithful: bool = False
+    # Before anything is deployed, check that every resource request fits on some node of the
+    # cluster (emorl_ray/placement.py). Turn off on autoscaling clusters whose GPU nodes start on demand.
+    check_resources: bool = True
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -344,6 +370,21 @@ def _check(cond: bool, path: str, message: str) -> None:
         raise ConfigError(path, message)
 
 
+def _check_resources(res: dict, path: str) -> None:
+    for k, v in res.items():
+        _check(isinstance(k, str) and k not in ("CPU", "GPU", "memory"), f"{path}.{k}",
+               "custom resources only; CPUs and GPUs have their own fields (num_cpus/num_gpus, "
+               "cpus_per_worker/gpus_per_worker)")
+        _check(not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0, f"{path}.{k}",
+               f"must be a number > 0, got {v!r}")
+
+
+def _check_sampling(s: SamplingConfig, path: str) -> None:
+    _check(s.temperature > 0, f"{path}.temperature", "must be > 0")
+    _check(s.top_k >= 0, f"{path}.top_k", "must be >= 0 (0 = off)")
+    _check(0 < s.top_p <= 1, f"{path}.top_p", "must be in (0, 1]")
+
+
 def _check_model_ref(ref: str, path: str) -> None:
     """A model reference is a pip:<dist>, an existing local directory, or a hub id (org/name)."""
     if ref.startswith("pip:"):
@@ -449,6 +490,7 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
         _check(sc.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
         _check(sc.num_replicas >= 1, f"{p}.num_replicas", "must be >= 1")
         _check(sc.num_cpus >= 0, f"{p}.num_cpus", "must be >= 0")
+        _check_resources(sc.resources, f"{p}.resources")
         _check(sc.num_gpus >= 0, f"{p}.num_gpus", "must be >= 0")
 
     t = cfg.training
@@ -467,9 +509,7 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(t.weight_decay >= 0, "training.weight_decay", "must be >= 0 (weights and decays are never negative)")
     _check(t.grad_clip > 0, "training.grad_clip", "must be > 0")
     _check(t.max_new_tokens >= 1, "training.max_new_tokens", "must be >= 1")
-    _check(t.sampling.temperature > 0, "training.sampling.temperature", "must be > 0")
-    _check(t.sampling.top_k >= 0, "training.sampling.top_k", "must be >= 0 (0 = off)")
-    _check(0 < t.sampling.top_p <= 1, "training.sampling.top_p", "must be in (0, 1]")
+    _check_sampling(t.sampling, "training.sampling")
     _check(t.kl_coef >= 0, "training.kl_coef", "must be >= 0 (a negative KL weight rewards drifting away)")
     _check(t.max_steps >= 1, "training.max_steps", "must be >= 1")
     _check(t.val_every >= 1, "training.val_every", "must be >= 1")
@@ -489,7 +529,9 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     if t.storage_path is not None:
         _check("://" in t.storage_path or Path(t.storage_path).expanduser().is_absolute(), "training.storage_path",
                "must be an absolute directory or a URI such as s3://bucket/prefix")
+    _check_resources(t.scaling.resources, "training.scaling.resources")
     _check(t.max_failures >= -1, "training.max_failures", "must be >= 0 (or -1 for unlimited)")
+    _check(t.keep_checkpoints >= 1, "training.keep_checkpoints", "must be >= 1 (2 or more to survive a corrupt one)")
 
     b = cfg.baselines
     for i, m in enumerate(b.methods):
@@ -516,9 +558,18 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(se.max_concurrent_trials >= 1, "search.max_concurrent_trials", "must be >= 1")
     _check(se.evaluator_replicas >= 1, "search.evaluator_replicas", "must be >= 1")
     _check(se.evaluator_cpus >= 0, "search.evaluator_cpus", "must be >= 0")
+    _check_resources(se.evaluator_resources, "search.evaluator_resources")
     _check(se.batch_size >= 1, "search.batch_size", "must be >= 1")
     _check(se.max_failures >= 0, "search.max_failures", "must be >= 0")
-    _check(cfg.evaluation.max_new_tokens >= 1, "evaluation.max_new_tokens", "must be >= 1")
+    ev = cfg.evaluation
+    _check(ev.max_new_tokens >= 1, "evaluation.max_new_tokens", "must be >= 1")
+    for field_name, allowed in (("methods", EVAL_METHODS), ("decodings", DECODINGS)):
+        values = getattr(ev, field_name)
+        _check(bool(values) and all(v in allowed for v in values) and len(set(values)) == len(values),
+               f"evaluation.{field_name}", f"must be a non-empty list without repeats from {list(allowed)}; "
+               f"got {values!r}")
+    _check_sampling(ev.sampling, "evaluation.sampling")
+    _check(ev.samples_per_prompt >= 1, "evaluation.samples_per_prompt", "must be >= 1")
     sv = cfg.serving
     _check(1 <= sv.port <= 65535, "serving.port", "must be a TCP port (1-65535)")
     _check(sv.route_prefix.startswith("/"), "serving.route_prefix", "must start with '/'")
@@ -538,6 +589,9 @@ FAITHFUL_DEFAULTS = {
     "search.parameterization": "cube",
     "search.cache": False,
     "baselines.full_finetune": True,
+    # The authors' test: Hugging Face's sampling defaults, 4 passes over the test prompts (§9.1).
+    "evaluation.sampling.top_k": 50,
+    "evaluation.samples_per_prompt": 4,
 }
 
 

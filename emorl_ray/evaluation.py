@@ -1,5 +1,6 @@
-"""Test-split evaluation of the base model, each single-objective adapter and the EMORL ensemble,
-all decoded the same way (greedy) through the same ensemble deployment (spec §9, §10.22)."""
+"""Test-split evaluation of the base model, each single-objective adapter, the EMORL ensemble, the
+comparison aggregations and the baselines, every method decoded the same way (one table per
+decoding) through the same ensemble deployment (spec §9, §10.22)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import logging
 import math
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from ray import serve
 
-from emorl_ray.config import ExperimentConfig
+from emorl_ray.config import EVAL_METHODS, ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
 from emorl_ray.io import atomic_write_json, write_parquet
 
@@ -56,63 +58,110 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def methods_to_evaluate(objectives: list[str], best_weights: dict, baselines: list[dict] = (),
-                        compared: dict[str, dict] | None = None) -> dict[str, dict]:
+                        compared: dict[str, dict] | None = None, include=EVAL_METHODS) -> dict[str, dict]:
     """Method name -> how it generates (`weights` over adapters and their `aggregation`, or a full
-    `model_path`) and which training runs it cost. `compared`: aggregation -> its searched weights."""
-    methods = {"base model": {"weights": None, "runs": []}}
-    for o in objectives:
-        methods[f"single: {o}"] = {"weights": {o: 1.0}, "runs": [o]}
-    methods["ensemble, equal weights"] = {"weights": {o: 1.0 for o in objectives}, "runs": list(objectives)}
-    methods["EMORL (searched weights)"] = {"weights": best_weights,
-                                           "runs": [o for o in objectives if best_weights[o] > 0]}
-    for aggregation, w in (compared or {}).items():
+    `model_path`) and which training runs it cost. `compared`: aggregation -> its searched weights.
+    `include`: the groups of evaluation.methods."""
+    methods = {}
+    if "base" in include:
+        methods["base model"] = {"weights": None, "runs": []}
+    if "single" in include:
+        for o in objectives:
+            methods[f"single: {o}"] = {"weights": {o: 1.0}, "runs": [o]}
+    if "equal" in include:
+        methods["ensemble, equal weights"] = {"weights": {o: 1.0 for o in objectives}, "runs": list(objectives)}
+    if "emorl" in include:
+        methods["EMORL (searched weights)"] = {"weights": best_weights,
+                                               "runs": [o for o in objectives if best_weights[o] > 0]}
+    for aggregation, w in (compared or {}).items() if "compared" in include else ():
         methods[f"{aggregation} aggregation (searched weights)"] = {
             "weights": w, "aggregation": aggregation, "runs": [o for o in objectives if w[o] > 0]}
-    for m in baselines:
+    for m in baselines if "baselines" in include else ():
         label = f"baseline: {m['name']}" + ("" if m["lora"] else " (full fine-tune)")
         methods[label] = ({"weights": {m["name"]: 1.0}, "runs": [m["name"]]} if m["lora"] else
                           {"weights": None, "model_path": m["model_path"], "runs": [m["name"]]})
     return methods
 
 
+def sampling_request(cfg: ExperimentConfig, decoding: str) -> dict | None:
+    """What the evaluator's `sampling` argument is for one decoding (None = greedy)."""
+    if decoding == "greedy":
+        return None
+    ev = cfg.evaluation
+    return {"temperature": ev.sampling.temperature, "top_k": ev.sampling.top_k, "top_p": ev.sampling.top_p,
+            "seed": ev.seed, "samples_per_prompt": ev.samples_per_prompt}
+
+
+def per_prompt_means(values: list[float], n_prompts: int) -> list[float]:
+    """Generations come as whole passes over the prompts; average each prompt's passes."""
+    passes = len(values) // n_prompts
+    return [sum(values[j * n_prompts + i] for j in range(passes)) / passes for i in range(n_prompts)]
+
+
+def result_row(name: str, method: dict, res: dict, objectives: list[str], cost: dict, n_prompts: int) -> dict:
+    """One method's line of a results table, from the evaluator's answer for it."""
+    row = {"method": name, "weights": method["weights"], "aggregation": method.get("aggregation")}
+    for o in objectives:
+        row[o], row[f"{o}_ci95"] = mean_ci(per_prompt_means(res["scores"][o], n_prompts))
+    row["average"] = sum(row[o] for o in objectives) / len(objectives)
+    row["distinct_2"] = distinct_2(res["responses"])
+    row["distinct_2_authors"] = distinct_2_authors(res["responses"])
+    row["edit_rate"] = sum(edit_rate(p, r) for p, r in zip(res["prompts"], res["responses"])) / res["n"]
+    runs = [cost[r] for r in method["runs"]]
+    row["train_data_points"] = sum(r["data_points"] for r in runs)
+    row["train_seconds"] = round(sum(r["train_seconds"] for r in runs), 1)
+    row["n_prompts"] = n_prompts
+    row["n_generations"] = res["n"]
+    return row
+
+
 def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests: list[dict],
              baselines: list[dict] = (), compared: dict[str, dict] | None = None) -> tuple[dict, list]:
-    """Every method on the test split (and on `evaluation.generalization`'s test split, if set)."""
+    """Every method under every decoding of evaluation.decodings, on the test split (and on
+    `evaluation.generalization`'s test split, if set). Writes eval/metrics.json (with the Pareto
+    view of the searched points and of the methods) and eval/samples.parquet."""
+    from emorl_ray.pareto import pareto_summary
+
     handle = serve.get_app_handle(APP_NAME)
     objectives = cfg.objective_names
-    methods = methods_to_evaluate(objectives, best_weights, baselines, compared)
-    splits = ["test"] + (["generalization"] if cfg.evaluation.generalization is not None else [])
-    # All methods at once: the deployment serialises generation, scoring overlaps.
-    pending = {(split, name): handle.evaluate.remote(m["weights"], split, cfg.evaluation.max_new_tokens, True,
-                                                     m.get("model_path"), m.get("aggregation"))
-               for split in splits for name, m in methods.items()}
+    ev = cfg.evaluation
+    methods = methods_to_evaluate(objectives, best_weights, baselines, compared, ev.methods)
+    for m in methods.values():
+        if m["weights"] is not None:
+            m.setdefault("aggregation", cfg.search.aggregation)
+    splits = ["test"] + (["generalization"] if ev.generalization is not None else [])
+    tables = [(split, decoding) for split in splits for decoding in ev.decodings]
+    # All requests at once: the deployment serialises generation, scoring overlaps.
+    pending = {(split, decoding, name): handle.evaluate.remote(
+        m["weights"], split, ev.max_new_tokens, True, m.get("model_path"), m.get("aggregation"),
+        sampling_request(cfg, decoding)) for split, decoding in tables for name, m in methods.items()}
     first_seed = cfg.training.seeds[0]
     cost = {m["name"]: m for m in manifests if m["seed"] == first_seed}
-    tables: dict[str, list] = {split: [] for split in splits}
+    rows: dict[tuple, list] = {t: [] for t in tables}
     samples = []
-    for (split, name), resp in pending.items():
+    for (split, decoding, name), resp in pending.items():
         res = resp.result()
-        row = {"method": name, "weights": methods[name]["weights"],
-               "aggregation": methods[name].get("aggregation", cfg.search.aggregation)}
-        for o in objectives:
-            row[o], row[f"{o}_ci95"] = mean_ci(res["scores"][o])
-        row["average"] = sum(row[o] for o in objectives) / len(objectives)
-        row["distinct_2"] = distinct_2(res["responses"])
-        row["distinct_2_authors"] = distinct_2_authors(res["responses"])
-        row["edit_rate"] = sum(edit_rate(p, r) for p, r in zip(res["prompts"], res["responses"])) / res["n"]
-        runs = [cost[r] for r in methods[name]["runs"]]
-        row["train_data_points"] = sum(r["data_points"] for r in runs)
-        row["train_seconds"] = round(sum(r["train_seconds"] for r in runs), 1)
-        row["n_prompts"] = res["n"]
-        tables[split].append(row)
+        passes = 1 if decoding == "greedy" else ev.samples_per_prompt
+        n_prompts = res["n"] // passes
+        rows[split, decoding].append(result_row(name, methods[name], res, objectives, cost, n_prompts))
         for i, (p, r) in enumerate(zip(res["prompts"], res["responses"])):
-            samples.append({"split": split, "method": name, "i": i, "prompt": p, "response": r,
+            samples.append({"split": split, "decoding": decoding, "method": name, "i": i % n_prompts,
+                            "pass": i // n_prompts, "prompt": p, "response": r,
                             **{o: res["scores"][o][i] for o in objectives}})
-        log.info("eval %-14s %-28s average %.4f", split, name, row["average"])
-    result = {"decoding": "greedy", "aggregation": cfg.search.aggregation, "split": "test", "methods": tables["test"]}
-    if "generalization" in tables:
-        g = cfg.evaluation.generalization
-        result["generalization"] = {"source": g.source, "path": g.path, "methods": tables["generalization"]}
+        log.info("eval %-14s %-7s %-32s average %.4f", split, decoding, name, rows[split, decoding][-1]["average"])
+    result = {
+        "aggregation": cfg.search.aggregation,
+        "sampling": sampling_request(cfg, "sampled"),
+        "evaluation": cfg.to_dict()["evaluation"],
+        "tables": [{"split": split, "decoding": decoding,
+                    "source": cfg.data.source if split == "test" else ev.generalization.source,
+                    "methods": rows[split, decoding]} for split, decoding in tables],
+    }
+    points_file = run_dir / "search" / "points.parquet"
+    if points_file.exists():
+        points = pq.read_table(points_file).to_pylist()
+        result["pareto"] = pareto_summary(points, objectives, result["tables"][0]["methods"])
+        result["pareto"]["methods_table"] = {k: result["tables"][0][k] for k in ("split", "decoding")}
     atomic_write_json(run_dir / "eval" / "metrics.json", result)
     write_parquet(run_dir / "eval" / "samples.parquet", samples)
     return result, samples

@@ -4,6 +4,7 @@ weights, evaluate on the test split, write the run directory. `jobs/train_all.py
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -82,13 +83,11 @@ def ray_session(apps: list[str]):
 def run(cfg: ExperimentConfig) -> dict:
     from emorl_ray.data import load_splits
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
-    from emorl_ray.evaluation import evaluate
     from emorl_ray.models import model_kind, resolve
-    from emorl_ray.report import write_report
+    from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.search.run import run_search
-    from emorl_ray.training.launch import (baseline_jobs, baseline_runs, ensemble_adapters, single_objective_jobs,
-                                           train_all)
+    from emorl_ray.training.launch import baseline_jobs, baseline_runs, single_objective_jobs, train_all
 
     t_start = time.time()
     # Everything that can fail on bad input fails here, before Ray starts.
@@ -100,6 +99,7 @@ def run(cfg: ExperimentConfig) -> dict:
 
     timings = {}
     with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
+        check_cluster(cfg)  # a request no node can hold would wait forever: say which, now
         t = time.time()
         deploy_scorers(cfg)
         timings["deploy_scorers_s"] = time.time() - t
@@ -111,9 +111,8 @@ def run(cfg: ExperimentConfig) -> dict:
         # The ensemble uses the first seed's adapter of each objective; LoRA baselines ride along
         # in the same deployment for the evaluation (weight 0 during the search).
         baselines = baseline_runs(cfg, manifests)
-        adapters = ensemble_adapters(cfg, manifests) | {m["name"]: m["adapter_path"] for m in baselines if m["lora"]}
         t = time.time()
-        deploy_evaluator(cfg, adapters)
+        deploy_evaluator(cfg, evaluator_adapters(cfg, manifests))
         search = run_search(cfg, run_dir, cfg.objective_names)
         # The comparison aggregations (spec §6), each with its own searched weights.
         compared = {a: run_search(cfg, run_dir, cfg.objective_names, a)["best_weights"]
@@ -121,15 +120,82 @@ def run(cfg: ExperimentConfig) -> dict:
         timings["search_wall_s"] = time.time() - t
 
         t = time.time()
-        evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests, baselines, compared)
+        report = evaluate_and_report(cfg, run_dir, splits.summary(), manifests, search, baselines, compared)
         timings["eval_wall_s"] = time.time() - t
-        report = write_report(run_dir, cfg, splits.summary(), manifests, search, evaluation, samples,
-                              cfg.evaluation.num_samples_in_report)
     timings["total_wall_s"] = time.time() - t_start
-    summary = {"run_dir": str(run_dir), "report": str(report), "timings": timings,
-               "best_weights": search["best_weights_normalized"], "best_val_score": search["best_score"]}
+    summary = {"run_dir": str(run_dir), "report": str(report["html"]), "report_markdown": str(report["markdown"]),
+               "timings": timings, "best_weights": search["best_weights_normalized"],
+               "best_val_score": search["best_score"]}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def evaluator_adapters(cfg: ExperimentConfig, manifests: list[dict]) -> dict[str, str]:
+    from emorl_ray.training.launch import baseline_runs, ensemble_adapters
+
+    return ensemble_adapters(cfg, manifests) | {m["name"]: m["adapter_path"]
+                                                for m in baseline_runs(cfg, manifests) if m["lora"]}
+
+
+def evaluate_and_report(cfg: ExperimentConfig, run_dir: Path, data_summary: dict, manifests: list[dict],
+                        search: dict, baselines: list[dict], compared: dict) -> dict[str, Path]:
+    """Stage 4, with the evaluator deployed: every method on the test split, then the report."""
+    from emorl_ray.evaluation import evaluate
+    from emorl_ray.report import write_report
+
+    evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests, baselines, compared)
+    return write_report(run_dir, cfg, data_summary, manifests, search, evaluation, samples,
+                        cfg.evaluation.num_samples_in_report)
+
+
+# What jobs/evaluate.py may change: how the methods are evaluated, never what was trained or searched.
+EVALUATION_FIELDS = ("evaluation.", "search.evaluator_", "search.batch_size")
+
+
+def evaluate_run(run_dir: Path, overrides: dict | None = None) -> dict:
+    """Re-evaluate a finished run (`jobs/evaluate.py`): its saved experiment with `overrides` of
+    EVALUATION_FIELDS, its trained runs and searched weights; rewrites eval/ and the report."""
+    from emorl_ray.config import load_config
+    from emorl_ray.data import load_splits
+    from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
+    from emorl_ray.placement import check_cluster
+    from emorl_ray.rewards.serve import app_name, deploy_scorers
+    from emorl_ray.training.launch import baseline_runs, read_manifest
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError("run_dir", f"{run_dir} holds no run (no config.yaml); give the directory that "
+                          "jobs/train_all.py wrote (<output_dir>/<name>)")
+    for key in overrides or {}:
+        if not key.startswith(EVALUATION_FIELDS):
+            raise ConfigError(key, "jobs/evaluate.py only changes how a run is evaluated (evaluation.*, "
+                              "search.evaluator_*, search.batch_size); other fields are what the run was "
+                              "trained and searched with: run jobs/train_all.py with a new name instead")
+    cfg = load_config(saved, {**(overrides or {}), "name": run_dir.name, "output_dir": str(run_dir.parent)})
+    search_file = run_dir / "search" / "result.json"
+    if not search_file.is_file():
+        raise ConfigError("run_dir", f"{search_file} does not exist: the run's search has not finished; "
+                          f"resume it with jobs/train_all.py --config {saved}")
+    search = json.loads(search_file.read_text())
+    manifests = read_manifest(run_dir)
+    compared = {}
+    for a in cfg.search.compare_aggregations:
+        f = run_dir / "search" / a / "result.json"
+        if not f.is_file():
+            raise ConfigError("search.compare_aggregations", f"{f} does not exist: resume the run with "
+                              "jobs/train_all.py to finish that search")
+        compared[a] = json.loads(f.read_text())["best_weights"]
+    data_summary = load_splits(cfg.data, cfg.faithful).summary()
+    t = time.time()
+    with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
+        check_cluster(cfg, training=False)
+        deploy_scorers(cfg)
+        deploy_evaluator(cfg, evaluator_adapters(cfg, manifests))
+        report = evaluate_and_report(cfg, run_dir, data_summary, manifests, search,
+                                     baseline_runs(cfg, manifests), compared)
+    return {"run_dir": str(run_dir), "report": str(report["html"]), "report_markdown": str(report["markdown"]),
+            "eval_wall_s": time.time() - t, "metrics": str(run_dir / "eval" / "metrics.json")}
 
 
 def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]:
@@ -137,6 +203,7 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
 
     `cfg` must be the run's experiment plus these objectives. The run's config.yaml becomes `cfg`,
     so `run(cfg)` afterwards reuses every trained adapter and searches over all of them."""
+    from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.training.launch import single_objective_jobs, train_all
 
@@ -158,6 +225,7 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
         raise ConfigError("--config", f"differs from {saved} in {fields}, not only in the objectives "
                           f"{objectives}; start from a copy of {saved} and add the objective(s)")
     with ray_session([app_name(o) for o in objectives]):
+        check_cluster(cfg, objectives)
         deploy_scorers(cfg, objectives)
         runs = train_all(cfg, run_dir, single_objective_jobs(cfg, objectives))
     atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))

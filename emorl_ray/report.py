@@ -1,8 +1,15 @@
-"""A short Markdown report of a run: data, training cost, search, test results, samples."""
+"""The run's report, `report.md` and `report.html` (one content, two renderings): data, training
+cost and curves, the search, the results tables in the paper's shape, the Pareto view, samples.
+The HTML embeds its figures, so the one file opens offline anywhere."""
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from emorl_ray.io import atomic_write_text
 
@@ -15,56 +22,158 @@ def _fmt(x, nd=4):
     return str(x)
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-
-
-def _results_table(methods: list[dict], objectives: list[str]) -> list[str]:
-    header = ["method"] + objectives + ["average", "distinct-2", "edit rate", "train data points", "train s"]
+def results_table(methods: list[dict], objectives: list[str]) -> tuple[list[str], list[list]]:
+    header = (["method"] + objectives + ["average", "Diversity-2", "Diversity-2 (authors')", "edit rate",
+                                         "train data points", "train s"])
     rows = [[r["method"]] + [f"{r[o]:.4f} ± {r[o + '_ci95']:.4f}" for o in objectives] +
-            [r["average"], r["distinct_2"], r["edit_rate"], r["train_data_points"], r["train_seconds"]]
-            for r in methods]
-    return _table(header, rows)
+            [r["average"], r["distinct_2"], r["distinct_2_authors"], r["edit_rate"], r["train_data_points"],
+             r["train_seconds"]] for r in methods]
+    return header, rows
+
+
+def _table_title(t: dict) -> str:
+    where = "Test split" if t["split"] == "test" else f"Generalisation: test split of `{t['source']}`"
+    n = t["methods"][0]["n_prompts"] if t["methods"] else 0
+    gens = t["methods"][0]["n_generations"] if t["methods"] else 0
+    per = "" if gens == n else f", {gens // max(n, 1)} samples per prompt"
+    return f"{where}, {t['decoding']} decoding ({n} prompts{per})"
+
+
+def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
+                  samples: list[dict], samples_per_method: int = 3) -> list[tuple]:
+    """The report as a list of blocks: ("h1"|"h2"|"h3"|"p", text), ("table", header, rows),
+    ("img", path relative to the run directory, alt), ("sample", prompt, [(method, response)])."""
+    from emorl_ray.plots import pareto_plot, training_curves
+
+    objectives = cfg.objective_names
+    b: list[tuple] = [
+        ("h1", f"EMORL run `{cfg.name}`"),
+        ("p", f"Policy `{cfg.model.id}`, objectives {', '.join(objectives)}, faithful={cfg.faithful}."),
+        ("h2", "Data"),
+        ("p", f"Source `{cfg.data.source}`; split sizes {data_summary['sizes']}; "
+              f"dropped rows {data_summary['dropped'] or 'none'}."),
+        ("h2", "Stage 1: training (k-SCST, one Ray Train run per objective and per baseline)"),
+        ("table", ["run", "method", "steps", "data points", "train s", "converged", "final val"],
+         [[m["name"] + f" (seed {m['seed']})", m.get("method", "single"), m["steps"], m["data_points"],
+           m["train_seconds"], m["converged"], m["final_val_score"]] for m in manifests]),
+    ]
+    emorl = [m for m in manifests if m.get("method", "single") == "single"]
+    b.append(("p", f"EMORL total: {sum(m['data_points'] for m in emorl)} data points, "
+                   f"{sum(m['train_seconds'] for m in emorl):.1f} s of training (summed over its "
+                   "single-objective runs, which ran in parallel)."))
+    histories = {f"{m['name']} (seed {m['seed']})": pq.read_table(m["metrics_path"]).to_pylist()
+                 for m in manifests if Path(m.get("metrics_path", "")).is_file()}
+    if histories:
+        training_curves(histories, run_dir / "plots" / "training_curves.png")
+        b.append(("img", "plots/training_curves.png", "training curves"))
+
+    b += [("h2", f"Stages 2+3: hierarchical search of the ensemble weights ({search['aggregation']} aggregation)"),
+          ("p", f"{search['parameterization']} parameterisation, {search['levels']} levels, {search['trials']} "
+                f"trials ({search['failed_trials']} failed). Best validation score {search['best_score']:.4f} at "
+                + ", ".join(f"{o}={w:.4f}" for o, w in search["best_weights_normalized"].items())
+                + " (normalised). All points: `search/points.parquet`.")]
+    if (run_dir / "search" / "heatmap.png").exists():
+        b.append(("img", "search/heatmap.png", "searched weights"))
+
+    for t in evaluation["tables"]:
+        b.append(("h2", _table_title(t)))
+        b.append(("table", *results_table(t["methods"], objectives)))
+    sp = evaluation.get("sampling")
+    b.append(("p", "Mean score per objective ± the half-width of a 95% confidence interval over prompts "
+                   "(sampled generations are first averaged per prompt). Diversity-2 = distinct bigrams / "
+                   "bigrams over all generations; the authors' variant = distinct bigrams / words per "
+                   "generation, averaged. Edit rate = word-level edit distance to the prompt / length "
+                   "(0 = a copy of the prompt). Training cost counts only the runs a method uses. "
+                   + (f"Sampling: temperature {sp['temperature']}, top-k {sp['top_k'] or 'off'}, top-p {sp['top_p']}, "
+                      f"seed {sp['seed']}. " if sp else "") + "Samples: `eval/samples.parquet`."))
+
+    pareto = evaluation.get("pareto")
+    if pareto:
+        ps, pm = pareto["search"], pareto["methods"]
+        b += [("h2", "Pareto view"),
+              ("p", f"Of the {ps['points']} searched weight vectors, {len(ps['front'])} are Pareto-optimal on the "
+                    f"validation split (no other vector scores at least as well on every objective and better on "
+                    f"one); they dominate a hypervolume of {ps['hypervolume']:.4f} (reference point 0). "
+                    f"Among the methods ({pareto['methods_table']['split']}, "
+                    f"{pareto['methods_table']['decoding']}), the non-dominated ones are "
+                    + ", ".join(r["method"] for r in pm["rows"] if r["non_dominated"])
+                    + f"; their hypervolume is {pm['hypervolume']:.4f}."),
+              ("table", ["weights (search front)"] + objectives,
+               [[", ".join(f"{w:.3f}" for w in f["weights"].values())] + [f["scores"][o] for o in objectives]
+                for f in sorted(ps["front"], key=lambda f: -sum(f["scores"].values()))])]
+        points_file = run_dir / "search" / "points.parquet"
+        if points_file.exists():
+            pareto_plot(pareto, pq.read_table(points_file).to_pylist(), run_dir / "plots" / "pareto.png")
+            b.append(("img", "plots/pareto.png", "Pareto view"))
+
+    b.append(("h2", "Samples (test prompts, greedy)"))
+    decoding = "greedy" if any(s.get("decoding") == "greedy" for s in samples) else None
+    for i in range(samples_per_method):
+        group = [s for s in samples if s["i"] == i and s["split"] == "test" and s.get("pass", 0) == 0
+                 and (decoding is None or s["decoding"] == decoding)]
+        if not group:
+            break
+        b.append(("sample", group[0]["prompt"], [(s["method"], s["response"]) for s in group]))
+    return b
+
+
+def to_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out += ["#" * int(kind[1]) + " " + rest[0], ""]
+        elif kind == "p":
+            out += [rest[0], ""]
+        elif kind == "table":
+            header, rows = rest
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows] + [""]
+        elif kind == "img":
+            out += [f"![{rest[1]}]({rest[0]})", ""]
+        elif kind == "sample":
+            prompt, responses = rest
+            out += [f"**Client:** {prompt}", ""] + [f"- *{m}*: {r or '(empty)'}" for m, r in responses] + [""]
+    return "\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}
+code{background:#f3f3f3;padding:0 3px}.sample{margin:1em 0}.sample li{margin:2px 0}"""
+
+
+def to_html(blocks: list[tuple], run_dir: Path, title: str) -> str:
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{_STYLE}</style></head><body>"]
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{_inline(rest[0])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(rest[0])}</p>")
+        elif kind == "table":
+            header, rows = rest
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows]
+            out.append("</table>")
+        elif kind == "img":
+            data = base64.b64encode((run_dir / rest[0]).read_bytes()).decode()
+            out.append(f"<img alt='{html.escape(rest[1])}' src='data:image/png;base64,{data}'>")
+        elif kind == "sample":
+            prompt, responses = rest
+            out.append(f"<div class='sample'><b>Client:</b> {html.escape(prompt)}<ul>" +
+                       "".join(f"<li><i>{html.escape(m)}</i>: {html.escape(r or '(empty)')}</li>"
+                               for m, r in responses) + "</ul></div>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
 
 
 def write_report(run_dir: Path, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
-                 samples: list[dict], samples_per_method: int = 3) -> Path:
-    objectives = cfg.objective_names
-    lines = [f"# EMORL run `{cfg.name}`", "",
-             f"Policy `{cfg.model.id}`, objectives {', '.join(objectives)}, faithful={cfg.faithful}.", "",
-             "## Data", "", f"Source `{cfg.data.source}`; split sizes {data_summary['sizes']}; "
-             f"dropped rows {data_summary['dropped'] or 'none'}.", "",
-             "## Stage 1: training (k-SCST, one Ray Train run per objective and per baseline)", ""]
-    lines += _table(["run", "method", "steps", "data points", "train s", "converged", "final val"],
-                    [[m["name"] + f" (seed {m['seed']})", m.get("method", "single"), m["steps"], m["data_points"],
-                      m["train_seconds"], m["converged"], m["final_val_score"]] for m in manifests])
-    emorl = [m for m in manifests if m.get("method", "single") == "single"]
-    lines += ["", f"EMORL total: {sum(m['data_points'] for m in emorl)} data points, "
-              f"{sum(m['train_seconds'] for m in emorl):.1f} s of training (summed over its single-objective runs).",
-              "",
-              f"## Stage 2+3: hierarchical search of the ensemble weights ({cfg.search.aggregation} aggregation)", "",
-              f"{search['parameterization']} parameterisation, {search['levels']} levels, {search['trials']} trials "
-              f"({search['failed_trials']} failed). Best validation score {search['best_score']:.4f} at "
-              + ", ".join(f"{o}={w:.4f}" for o, w in search["best_weights_normalized"].items())
-              + " (normalised). All points: `search/points.parquet`.", ""]
-    if (run_dir / "search" / "heatmap.png").exists():
-        lines += ["![searched weights](search/heatmap.png)", ""]
-    lines += [f"## Test results ({evaluation['decoding']} decoding, {evaluation['methods'][0]['n_prompts']} prompts, "
-              "95% CI over prompts)", ""]
-    lines += _results_table(evaluation["methods"], objectives)
-    lines += ["", "distinct-2 = distinct bigrams / bigrams over all generations; edit rate = word-level "
-              "edit distance to the prompt / length (0 = copy). Samples: `eval/samples.parquet`.", ""]
-    gen = evaluation.get("generalization")
-    if gen:
-        lines += [f"## Generalisation: test split of `{gen['source']}` ({gen['methods'][0]['n_prompts']} prompts)", ""]
-        lines += _results_table(gen["methods"], objectives) + [""]
-    lines += ["## Samples (test prompts)", ""]
-    for i in range(samples_per_method):
-        group = [s for s in samples if s["i"] == i and s.get("split", "test") == "test"]
-        if not group:
-            break
-        lines += [f"**Client:** {group[0]['prompt']}", ""]
-        lines += [f"- *{s['method']}*: {s['response'] or '(empty)'}" for s in group] + [""]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
-    return run_dir / "report.md"
+                 samples: list[dict], samples_per_method: int = 3) -> dict[str, Path]:
+    blocks = report_blocks(run_dir, cfg, data_summary, manifests, search, evaluation, samples, samples_per_method)
+    atomic_write_text(run_dir / "report.md", to_markdown(blocks))
+    atomic_write_text(run_dir / "report.html", to_html(blocks, run_dir, f"EMORL run {cfg.name}"))
+    return {"markdown": run_dir / "report.md", "html": run_dir / "report.html"}

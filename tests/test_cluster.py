@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
 
 
 @pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
@@ -30,3 +31,43 @@ def test_schema_check_catches_mistakes():
     config["available_node_types"]["gpu_worker"]["max_workerz"] = 4
     with pytest.raises(Exception):
         validate_config(prepare_config(config))
+
+
+def _pins(lines) -> dict:
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_kuberay_pair_is_consistent():
+    """The RayCluster and the RayJob that submits to it: matching names and Ray version, GPUs only
+    on workers, nothing exposed beyond the cluster, the job's pins equal to our known-good set."""
+    import ray
+
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and spec["authOptions"]["mode"] == "token"
+    head_res = head["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head_res["limits"]
+    images = [head["template"]["spec"]["containers"][0]["image"]]
+    for group in spec["workerGroupSpecs"]:
+        c = group["template"]["spec"]["containers"][0]
+        images.append(c["image"])
+        assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert all(f":{ray.__version__}-" in image for image in images)
+
+    js = job["spec"]
+    assert js["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    entry = js["entrypoint"].split()
+    assert entry[:2] == ["python", "jobs/train_all.py"]
+    assert (ROOT / entry[entry.index("--config") + 1]).is_file()
+    env = yaml.safe_load(js["runtimeEnvYAML"])
+    assert env["working_dir"]
+    known_good = _pins((ROOT / "constraints-cpu.txt").read_text().splitlines())
+    for name, version in _pins(env["pip"]).items():
+        assert known_good.get(name) == version, f"{name}=={version} differs from constraints-cpu.txt"

@@ -77,6 +77,10 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r["training"].update(storage_path="relative/dir"), "training.storage_path", "URI"),
     (lambda r: r["training"].update(precision="fp16"), "training.precision", "needs a GPU"),
     (lambda r: r["objectives"].update(uniform=r["objectives"]["overlap"]), "objectives.uniform", "baseline"),
+    (lambda r: r["evaluation"].update(decodings=["beam"]), "evaluation.decodings", "greedy"),
+    (lambda r: r["evaluation"].update(methods=["emorl", "emorl"]), "evaluation.methods", "repeats"),
+    (lambda r: r["evaluation"].update(samples_per_prompt=0), "evaluation.samples_per_prompt", ">= 1"),
+    (lambda r: r["training"].update(keep_checkpoints=0), "training.keep_checkpoints", ">= 1"),
 ])
 def test_bad_config_names_the_field(tiny_causal, tmp_path, mutate, path, words):
     err = _bad(tiny_causal, tmp_path, mutate)

@@ -142,3 +142,10 @@ def test_parameter_merge_is_the_exact_weighted_sum_of_deltas(tiny_causal, tmp_pa
     got = ens.model.merge_and_unload(adapter_names=["m"]).state_dict()
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_directory_without_an_adapter_is_named(tiny_causal, tmp_path):
+    mc, adapters = _random_adapters(tiny_causal, tmp_path, names=("a",))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="adapter 'b': .*empty holds no adapter_config.json"):
+        AdapterEnsemble(Policy(mc), {"a": adapters["a"], "b": str(tmp_path / "empty")})

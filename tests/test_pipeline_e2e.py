@@ -12,9 +12,12 @@ from emorl_ray.models import Policy
 pytestmark = pytest.mark.e2e
 
 
-def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path):
+def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch):
     from emorl_ray.config import parse_config
     from emorl_ray.pipeline import run
+
+    secret = "emorl-test-secret-5f1c9a"  # a credential in the environment must not reach the run directory
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
     raw["baselines"] = {"methods": ["uniform", "dynaopt"]}
@@ -43,19 +46,44 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path):
     assert result["best_score"] == max(p["score"] for p in points)
 
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    methods = [m["method"] for m in metrics["methods"]]
+    assert [(t["split"], t["decoding"]) for t in metrics["tables"]] == [
+        ("test", "greedy"), ("test", "sampled"), ("generalization", "greedy"), ("generalization", "sampled")]
+    test, test_sampled, gen, _ = (t["methods"] for t in metrics["tables"])
+    methods = [m["method"] for m in test]
+    assert [m["method"] for m in test_sampled] == methods
     assert methods[0] == "base model" and "EMORL (searched weights)" in methods
     assert {"baseline: uniform", "baseline: dynaopt", "parameter aggregation (searched weights)"} <= set(methods)
     compared = json.loads((run_dir / "search" / "parameter" / "result.json").read_text())
     assert compared["aggregation"] == "parameter" and compared["trials"] == 4
-    by_name = {m["method"]: m for m in metrics["methods"]}
+    by_name = {m["method"]: m for m in test}
     assert by_name["baseline: uniform"]["train_data_points"] == 8  # its own run, not the objectives'
     assert by_name["ensemble, equal weights"]["train_data_points"] == 16
-    gen = metrics["generalization"]["methods"]
     assert [m["method"] for m in gen] == methods and all(m["n_prompts"] == 3 for m in gen)
-    assert all(m["n_prompts"] == 4 for m in metrics["methods"])
+    assert all(m["n_prompts"] == 4 for m in test)
+    front = metrics["pareto"]["search"]["front"]
+    assert front and metrics["pareto"]["search"]["points"] == 4
     report = (run_dir / "report.md").read_text()
-    assert "## Test results" in report and "EMORL (searched weights)" in report and "## Generalisation" in report
+    assert "## Test split, greedy decoding" in report and "EMORL (searched weights)" in report
+    assert "## Generalisation" in report and "## Pareto view" in report
+    assert summary["report"] == str(run_dir / "report.html") and (run_dir / "plots" / "pareto.png").exists()
+    leaked = [str(p) for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked, f"the secret was written to {leaked}"
+
+    # jobs/evaluate.py: some methods again, sampled only, two samples per prompt; nothing retrained.
+    from emorl_ray.config import ConfigError
+    from emorl_ray.pipeline import evaluate_run
+
+    with pytest.raises(ConfigError, match="training.max_steps"):
+        evaluate_run(run_dir, {"training.max_steps": 10})
+    evaluate_run(run_dir, {"evaluation.methods": ["emorl", "baselines"], "evaluation.decodings": ["sampled"],
+                           "evaluation.samples_per_prompt": 2, "evaluation.generalization": None})
+    again_metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    (table,) = again_metrics["tables"]
+    assert (table["split"], table["decoding"]) == ("test", "sampled")
+    assert [m["method"] for m in table["methods"]] == ["EMORL (searched weights)", "baseline: uniform",
+                                                       "baseline: dynaopt"]
+    assert all(m["n_prompts"] == 4 and m["n_generations"] == 8 for m in table["methods"])
+    assert json.loads((run_dir / "training" / "manifest.json").read_text())["runs"] == manifest
 
     # Re-running the same experiment resumes: nothing is trained or searched again.
     trial_dirs = sorted(p.name for p in (run_dir / "ray" / "search-overlap-brevity").iterdir() if p.is_dir())
@@ -65,7 +93,6 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path):
     assert json.loads((run_dir / "training" / "manifest.json").read_text())["runs"] == manifest
 
     # Add an objective later: train its adapter into the run, then search over all three.
-    from emorl_ray.config import ConfigError
     from emorl_ray.pipeline import train_objectives
 
     raw["objectives"]["vowels"] = {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:vowel_start",

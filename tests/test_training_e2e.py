@@ -46,6 +46,28 @@ def test_killed_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_path
     assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
 
 
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers, tmp_path):
+    """The worker fails after step 4 and leaves the step-4 checkpoint truncated: the restart detects it
+    by its checksums, resumes from step 2, and ends exactly like an uninterrupted run."""
+    from emorl_ray.training.launch import TrainJob, fit
+
+    cfg = ray_with_scorers
+    job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
+    clean = fit(cfg, tmp_path / "clean", job)
+    marker = tmp_path / "failed-once"
+    storage = tmp_path / "failed" / "ray" / f"train-{job.run_name}"
+    failed = fit(cfg, tmp_path / "failed", job, extra={"fail_at_step": 4, "fail_marker": str(marker),
+                                                       "corrupt_latest_checkpoint_in": str(storage)})
+    assert marker.exists()
+    for key in ("steps", "data_points", "final_val_score", "converged"):
+        assert failed[key] == clean[key], key
+    a = pq.read_table(clean["metrics_path"]).to_pylist()
+    b = pq.read_table(failed["metrics_path"]).to_pylist()
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # steps 3-4 trained again, logged once
+    assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
+    assert len([p for p in storage.glob("checkpoint_*") if p.is_dir()]) == cfg.training.keep_checkpoints
+
+
 def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tmp_path):
     from emorl_ray.training.launch import single_objective_jobs, train_all
 
@@ -56,6 +78,32 @@ def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tm
     assert runs == manifests
     again = train_all(cfg, tmp_path, single_objective_jobs(cfg))  # finished runs are not redone
     assert again == manifests
+
+
+def test_training_progress_reaches_the_ray_metrics_agent(ray_with_scorers):
+    """The custom metrics the dashboard charts (emorl_ray.metrics), scraped from the node's
+    Prometheus endpoint after the trainings above."""
+    import re
+    import time
+    import urllib.request
+
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    wanted = {"ray_emorl_train_step", "ray_emorl_train_reward", "ray_emorl_val_score",
+              "ray_emorl_train_data_points_total", "ray_emorl_tokens_per_second"}
+    found: dict = {}
+    deadline = time.time() + 90  # the agent exports every few seconds
+    while time.time() < deadline and not wanted <= set(found):
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for name, labels, value in re.findall(r'^(ray_emorl_\w+)\{([^}]*)\} (\S+)$', text, re.M):
+            if 'run="overlap-s0"' in labels:
+                found[name] = max(found.get(name, float("-inf")), float(value))
+        time.sleep(2)
+    assert wanted <= set(found), f"missing {wanted - set(found)}"
+    assert found["ray_emorl_train_step"] == 5  # max_steps of the runs above
+    assert found["ray_emorl_tokens_per_second"] > 0
 
 
 def _config(base, **changes):

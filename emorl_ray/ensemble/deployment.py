@@ -48,19 +48,21 @@ class EnsembleEvaluator:
         self._lock = threading.Lock()
         self._full = (None, None)  # (path, Policy) of the fully fine-tuned model loaded last
 
-    def _generate(self, prompts, weights, max_new_tokens, aggregation):
+    def _generate(self, prompts, weights, max_new_tokens, aggregation, sampling):
         with self._lock:
             if weights is not None:  # adapters left out of `weights` take no part
                 unknown = set(weights) - set(self.ensemble.names)
                 weights = {n: weights.get(n, 0.0) for n in self.ensemble.names} | {n: weights[n] for n in unknown}
+            kw = {"greedy": True} if sampling is None else {
+                "greedy": False, **{k: sampling[k] for k in ("temperature", "top_k", "top_p", "seed")}}
             return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size,
-                                          aggregation=aggregation)
+                                          aggregation=aggregation, **kw)
 
-    def _generate_full(self, prompts, model_path, max_new_tokens):
+    def _generate_full(self, prompts, model_path, max_new_tokens, sampling):
         import copy
 
         from emorl_ray.models import load_model
-        from emorl_ray.training.scst import greedy_generate
+        from emorl_ray.training.scst import generate
 
         with self._lock:
             path, policy = self._full
@@ -70,23 +72,24 @@ class EnsembleEvaluator:
                 policy = copy.copy(base)
                 policy.model = load_model(model_path, self.cfg.model, base.kind, base.device).eval()
                 self._full = (model_path, policy)
-            return greedy_generate(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size)
+            return generate(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size, sampling)
 
     async def evaluate(self, weights: dict | None, split: str = "val", max_new_tokens: int | None = None,
                        return_samples: bool = False, model_path: str | None = None,
-                       aggregation: str | None = None) -> dict:
+                       aggregation: str | None = None, sampling: dict | None = None) -> dict:
         """Generate for every prompt of `split` with `weights` (None = base model) combined by
         `aggregation` (default: search.aggregation), or with the fully fine-tuned model saved at
-        `model_path`, greedily, and score it."""
+        `model_path`, and score it. Greedy unless `sampling` = {temperature, top_k, top_p, seed,
+        samples_per_prompt}; sampled generations come prompt list after prompt list."""
         if split not in self.prompts:
             raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
-        prompts = self.prompts[split]
+        prompts = self.prompts[split] * (1 if sampling is None else sampling["samples_per_prompt"])
         max_new_tokens = max_new_tokens or self.cfg.search.max_new_tokens
         if model_path is not None:
-            texts = await asyncio.to_thread(self._generate_full, prompts, model_path, max_new_tokens)
+            texts = await asyncio.to_thread(self._generate_full, prompts, model_path, max_new_tokens, sampling)
         else:
             texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens,
-                                            aggregation or self.cfg.search.aggregation)
+                                            aggregation or self.cfg.search.aggregation, sampling)
         scores = await self.rewards.ascore_all(prompts, texts)
         means = {o: sum(v) / len(v) for o, v in scores.items()}
         out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts)}
@@ -100,6 +103,7 @@ def deploy_evaluator(cfg, adapters: dict[str, str]):
     device = "cuda" if se.evaluator_gpus > 0 else "cpu"
     app = EnsembleEvaluator.options(
         num_replicas=se.evaluator_replicas,
-        ray_actor_options={"num_cpus": se.evaluator_cpus, "num_gpus": se.evaluator_gpus},
+        ray_actor_options={"num_cpus": se.evaluator_cpus, "num_gpus": se.evaluator_gpus,
+                           "resources": se.evaluator_resources},
     ).bind(cfg.to_dict(), adapters, device)
     return serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)

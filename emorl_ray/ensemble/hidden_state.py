@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -163,6 +164,10 @@ class AdapterEnsemble:
 
         if not adapters:
             raise ValueError("the ensemble needs at least one adapter directory")
+        for name, path in adapters.items():
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise ValueError(f"adapter {name!r}: {path} holds no adapter_config.json; give a directory "
+                                 "written by PeftModel.save_pretrained (a run's training/<run>/adapter)")
         self.names = list(adapters)
         model = PeftModel.from_pretrained(policy.model, adapters[self.names[0]], adapter_name=self.names[0])
         for name in self.names[1:]:

@@ -68,7 +68,7 @@ def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None) -
         sc = cfg.objectives[name].scorer
         app = ScorerDeployment.options(
             name=f"scorer_{name}", num_replicas=sc.num_replicas,
-            ray_actor_options={"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus},
+            ray_actor_options={"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus, "resources": sc.resources},
         ).bind(name, dataclasses.asdict(sc), dataclasses.asdict(cfg.model))
         targets.append(RunTarget(target=app, name=app_name(name), route_prefix=None))
     handles = serve.run_many(targets)

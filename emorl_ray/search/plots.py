@@ -19,11 +19,9 @@ def ternary_heatmap(points: list[dict], objectives: list[str], path: Path, best:
                     search_path: list | None = None, title: str = "") -> Path:
     """`points`: rows with `w/<objective>` and `score`; `search_path`: the searcher's chosen region
     per level (drawn for the simplex mode, whose regions are triangles; cube boxes are not drawn)."""
-    import matplotlib
+    from emorl_ray.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.8))
     tri = [(0, 0), (1, 0), (0.5, math.sqrt(3) / 2), (0, 0)]
     ax.plot(*zip(*tri), color="black", lw=1)
@@ -54,9 +52,4 @@ def ternary_heatmap(points: list[dict], objectives: list[str], path: Path, best:
     ax.set_title(title or "searched ensemble weights (normalised onto the simplex)", fontsize=10)
     if failed or best:
         ax.legend(loc="upper right", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -17,6 +17,7 @@ from ray import serve, tune
 from emorl_ray.config import ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
 from emorl_ray.io import atomic_write_json, write_parquet
+from emorl_ray.metrics import record_trial
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,25 @@ def evaluate_weights(config: dict) -> None:
         return
     handle = serve.get_app_handle(config["app"])
     res = handle.evaluate.remote(weights, "val", config["max_new_tokens"], aggregation=config["aggregation"]).result()
+    record_trial(config["aggregation"], res["mean"])
     tune.report({METRIC: res["mean"], **{f"score/{o}": v for o, v in res["per_objective"].items()}})
+
+
+class SearchProgress(tune.Callback):
+    """One log line per finished trial in the job's log: trials done, level, score, best so far."""
+
+    def __init__(self, aggregation: str, levels: int):
+        self.aggregation, self.levels = aggregation, levels
+        self.done, self.best = 0, float("-inf")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        score = (trial.last_result or {}).get(METRIC)
+        if score is not None and math.isfinite(score):
+            self.best = max(self.best, score)
+        log.info("search (%s): trial %d done (level %s/%d), score %s, best so far %.4f", self.aggregation,
+                 self.done, trial.config.get("level"), self.levels,
+                 "n/a" if score is None else f"{score:.4f}", self.best)
 
 
 def searcher_state(exp_path: Path) -> dict:
@@ -66,7 +85,8 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                         max_concurrent_trials=se.max_concurrent_trials),
             run_config=tune.RunConfig(name=name, storage_path=str(storage),
-                                      failure_config=tune.FailureConfig(max_failures=se.max_failures), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=se.max_failures), verbose=1,
+                                      callbacks=[SearchProgress(aggregation, se.levels)]),
         )
     grid = tuner.fit()
     points = []

@@ -54,7 +54,7 @@ def manifest_path(run_dir: Path, job: TrainJob) -> Path:
 
 def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None = None) -> dict:
     """Run (or resume) one trainer to the end and write its adapter, metrics and manifest."""
-    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from emorl_ray.training.loop import ADAPTER_DIR, FULL_MODEL_DIR, HISTORY_FILE, STATE_FILE, train_loop_per_worker
@@ -64,9 +64,9 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
         log.info("[%s] already trained (%s); skipping", job.run_name, mpath)
         return json.loads(mpath.read_text())
     sc = cfg.training.scaling
-    resources = {"CPU": sc.cpus_per_worker}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker or 1
+    from emorl_ray.placement import trainer_worker_request
+
+    resources = trainer_worker_request(sc)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(),
@@ -76,7 +76,8 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"train-{job.run_name}",
                              storage_path=cfg.training.storage_path or str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.training.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints)),
     )
     result = trainer.fit()
     ckpt: Checkpoint = result.checkpoint

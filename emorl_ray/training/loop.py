@@ -50,6 +50,20 @@ def build_trainable(cfg: ExperimentConfig, device, lora: bool = True):
     return policy, optimizer
 
 
+CHECKSUM_FILE = "checksums.json"
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUM_FILE}
+
+
 def save_checkpoint(directory: Path, model, optimizer, state: dict, history: list[dict], lora: bool) -> None:
     from safetensors.torch import save_model
 
@@ -61,15 +75,34 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict, history: lis
         save_model(model, str(directory / FULL_MODEL_DIR / "model.safetensors"))
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-    # state.json last: its presence marks a complete checkpoint.
     (directory / STATE_FILE).write_text(json.dumps(state))
+    # Written last: a checkpoint whose files do not match it (truncated upload, bit rot, a copy cut
+    # short) is detected before anything is loaded from it.
+    (directory / CHECKSUM_FILE).write_text(json.dumps(_file_digests(directory)))
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise CorruptCheckpoint unless every file is as it was saved. Checkpoints written before
+    checksums existed only need their state file."""
+    if not (directory / STATE_FILE).exists():
+        raise CorruptCheckpoint(f"no {STATE_FILE}")
+    saved = directory / CHECKSUM_FILE
+    if not saved.exists():
+        return
+    try:
+        expected = json.loads(saved.read_text())
+    except json.JSONDecodeError:
+        raise CorruptCheckpoint(f"{CHECKSUM_FILE} is not valid JSON") from None
+    actual = _file_digests(directory)
+    bad = sorted(name for name in expected if actual.get(name) != expected[name])
+    if bad:
+        raise CorruptCheckpoint(f"files changed or missing since it was saved: {bad}")
 
 
 def load_checkpoint(directory: Path, model, optimizer, lora: bool) -> tuple[dict, list[dict]]:
     from safetensors.torch import load_file, load_model
 
-    if not (directory / STATE_FILE).exists():
-        raise RuntimeError(f"checkpoint {directory} is incomplete (no {STATE_FILE})")
+    verify_checkpoint(directory)
     if lora:
         from peft import set_peft_model_state_dict
 
@@ -82,13 +115,47 @@ def load_checkpoint(directory: Path, model, optimizer, lora: bool) -> tuple[dict
     return json.loads((directory / STATE_FILE).read_text()), history
 
 
+def earlier_checkpoints(latest) -> list:
+    """The run's other checkpoints in its storage (local or a URI), newest first."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent = posixpath.dirname(latest.path.rstrip("/"))
+    infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    paths = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and posixpath.basename(i.path).startswith("checkpoint_") and i.path != latest.path), reverse=True)
+    return [Checkpoint(p, filesystem=latest.filesystem) for p in paths]
+
+
+def restore(latest, model, optimizer, lora: bool, run_name: str) -> tuple[dict, list[dict]]:
+    """Load the newest intact checkpoint, the one Ray Train hands back or, if that one is
+    corrupt, the newest intact earlier one (Ray keeps training.keep_checkpoints of them)."""
+    tried = []
+    for ckpt in [latest] + earlier_checkpoints(latest):
+        try:
+            with ckpt.as_directory() as d:
+                state, history = load_checkpoint(Path(d), model, optimizer, lora)
+        except CorruptCheckpoint as e:
+            log.warning("[%s] checkpoint %s is corrupt (%s); trying the one before", run_name, ckpt.path, e)
+            tried.append(ckpt.path)
+            continue
+        if tried:  # the steps after it are trained again, exactly as before (sampling is seeded per step)
+            log.warning("[%s] resuming from the earlier checkpoint %s (step %d)", run_name, ckpt.path, state["step"])
+        return state, history
+    raise RuntimeError(f"[{run_name}] every checkpoint of this run is corrupt ({tried}); delete the run's "
+                       "Ray Train storage (<run>/ray/train-<run name>) to train it from the start")
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
     from emorl_ray.data import load_splits
+    from emorl_ray.metrics import record_train_step, record_validation
     from emorl_ray.rewards.serve import ServeRewards
-    from emorl_ray.training.scst import converged, greedy_generate, scst_step
+    from emorl_ray.training.scst import converged, generate, scst_step
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_from_dict(config["experiment"])
@@ -122,8 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
     history: list[dict] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
-        with ckpt.as_directory() as d:
-            state, history = load_checkpoint(Path(d), model, optimizer, lora)
+        state, history = restore(ckpt, model, optimizer, lora, run["name"])
         if state.get("weighting"):  # checkpoints of fixed-weight runs (and older ones) carry none
             weighting.load_state_dict(state["weighting"])
         state.setdefault("converged_at", None)
@@ -141,6 +207,10 @@ def train_loop_per_worker(config: dict) -> None:
         # Fault-injection hook for tests: fail once, after the checkpoint of an earlier step.
         if fail_at is not None and state["step"] == fail_at and not os.path.exists(config["fail_marker"]):
             Path(config["fail_marker"]).touch()
+            if config.get("corrupt_latest_checkpoint_in"):  # ... and leave the newest checkpoint truncated
+                newest = max(Path(config["corrupt_latest_checkpoint_in"]).glob("checkpoint_*"))
+                target = max((p for p in newest.rglob("*.safetensors")), key=lambda p: p.stat().st_size)
+                target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
             raise RuntimeError(f"injected failure at step {fail_at}")
         t0 = time.perf_counter()
         step = state["step"]
@@ -156,7 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
         # The last step is always validated, so the saved adapter is the one last validated.
         validate = state["step"] % t.val_every == 0 or finished()
         if validate:
-            texts = greedy_generate(policy, model, val_prompts, t.max_new_tokens)
+            texts = generate(policy, model, val_prompts, t.max_new_tokens)
             val = rewards.score_all(val_prompts, texts, objectives)
             val_means = {o: sum(v) / len(v) for o, v in val.items()}
             value = sum(val_means.values()) / len(val_means)
@@ -170,18 +240,25 @@ def train_loop_per_worker(config: dict) -> None:
             state["converged_at"] = {k: state[k] for k in ("step", "data_points", "train_seconds")}
         row["train_seconds"] = state["train_seconds"]
         history.append(row)
-        log.info("[%s] step %d reward %.4f (%.1f s)", run["name"], state["step"], stats["reward"],
-                 time.perf_counter() - t0)
+        step_s = time.perf_counter() - t0
+        log.info("[%s] step %d/%d reward %.4f (%.1f s)", run["name"], state["step"], t.max_steps, stats["reward"],
+                 step_s)
+        if rank == 0:
+            record_train_step(run["name"], state["step"], stats["reward"], t.batch_size * world,
+                              stats["response_tokens"] * len(prompts) * t.k * world, step_s)
         if not validate:
             continue
         vrow = {"kind": "val", "step": state["step"], "data_points": state["data_points"],
                 "train_seconds": state["train_seconds"], "val_score": value,
                 **{f"val/{o}": m for o, m in val_means.items()}, "converged": state["converged"],
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "sample": texts[0] if texts else ""}
         history.append(vrow)
         metrics = {k: v for k, v in vrow.items() if k != "sample"}
-        log.info("[%s] step %d val %.4f%s", run["name"], state["step"], value,
+        log.info("[%s] step %d/%d val %.4f%s", run["name"], state["step"], t.max_steps, value,
                  " (converged)" if state["converged"] else "")
+        if rank == 0:
+            record_validation(run["name"], value)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), model, optimizer, state, history, lora)

@@ -213,15 +213,24 @@ def converged(history: list[float], window: int, threshold: float) -> bool:
 
 
 @torch.no_grad()
-def greedy_generate(policy: Policy, model, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+def generate(policy: Policy, model, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+             sampling: dict | None = None) -> list[str]:
+    """Hugging Face `generate` in eval mode: greedy, or sampled with `sampling` = {temperature,
+    top_k, top_p, seed} (the seed makes a re-run draw the same samples)."""
     was_training = model.training
     model.eval()
+    if sampling is None:
+        kw = {"do_sample": False}
+    else:
+        kw = {"do_sample": True, "temperature": sampling["temperature"], "top_k": sampling["top_k"],
+              "top_p": sampling["top_p"]}
+        torch.manual_seed(sampling["seed"])
     texts = []
     try:
         for i in range(0, len(prompts), batch_size):
             enc = policy.encode(prompts[i:i + batch_size])
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=policy.pad_token_id,
+                                 eos_token_id=policy.eos_token_id, **kw)
             ids = out[:, enc["input_ids"].shape[1]:] if not policy.is_seq2seq else out[:, 1:]
             texts.extend(policy.decode(ids))
     finally:
