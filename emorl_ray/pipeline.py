@@ -36,7 +36,11 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     """Create the run directory, or resume it if it holds the same experiment."""
     run_dir = cfg.run_dir
     if (run_dir / "config.yaml").exists():
-        if saved_experiment(run_dir) != cfg.to_dict():
+        # Where the directory is (name, output_dir) is not part of the experiment: it may have moved.
+        def experiment(d):
+            return {k: v for k, v in (d or {}).items() if k not in ("name", "output_dir")}
+
+        if experiment(saved_experiment(run_dir)) != experiment(cfg.to_dict()):
             raise ConfigError("name", f"run directory {run_dir} holds a different experiment; choose another "
                               "`name` (or --name), or delete that directory")
         log.info("resuming run directory %s", run_dir)

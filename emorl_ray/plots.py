@@ -70,7 +70,7 @@ def training_curves(histories: dict[str, list[dict]], path: Path) -> Path:
             smooth.append(ema)
         train_ax.plot([r["data_points"] for r in train], smooth, label=name)
     val_ax.set_title("validation score (the run's own objective(s), greedy)", fontsize=10)
-    train_ax.set_title("training reward (sampled, EMA 0.8)", fontsize=10)
+    train_ax.set_title("training reward as optimised (sampled, after training.reward_transform; EMA 0.8)", fontsize=9)
     for ax in (val_ax, train_ax):
         ax.set_xlabel("training data points")
         ax.grid(alpha=0.3)

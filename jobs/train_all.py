@@ -5,6 +5,9 @@ ensemble weights (Ray Tune), evaluate, and write a run directory.
     ray job submit --working-dir . -- python jobs/train_all.py --config configs/default.yaml
 
 Re-running with the same config resumes: finished trainings and search trials are not redone.
+`--resume RUN_DIR` does the same from the run directory alone (after a killed driver, say):
+
+    python jobs/train_all.py --resume runs/default
 """
 
 from __future__ import annotations
@@ -17,14 +20,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout (or a `ray job submit` working dir) without installing
 
-from emorl_ray.cli import add_config_args, config_from_args  # noqa: E402
+from emorl_ray.cli import DEFAULT_CONFIG, add_config_args, config_from_args  # noqa: E402
 from emorl_ray.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR with the experiment saved there (its config.yaml); "
+                        "finished trainings and search trials are kept")
     args = p.parse_args(argv)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            print(f"error: --resume {run_dir}: no config.yaml there; give a run directory "
+                  "(<output_dir>/<name>) that jobs/train_all.py wrote", file=sys.stderr)
+            return 2
+        if args.name or args.output_dir or args.config != str(DEFAULT_CONFIG):
+            print("error: --resume takes the run's own config, name and output dir; drop --config, --name "
+                  "and --output-dir", file=sys.stderr)
+            return 2
+        args.config, args.name, args.output_dir = str(run_dir / "config.yaml"), run_dir.name, str(run_dir.parent)
     cfg = config_from_args(args)
     if cfg is None:
         return 2

@@ -107,3 +107,55 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch):
     assert set(summary3["best_weights"]) == {"overlap", "brevity", "vowels"}
     points3 = pq.read_table(run_dir / "search" / "points.parquet").to_pylist()
     assert all("w/vowels" in p for p in points3) and len(points3) > len(points)
+
+
+def test_killed_driver_resumes_with_resume_flag(tiny_causal, tmp_path):
+    """SIGKILL the whole job (driver and its local Ray) during the search, then
+    `jobs/train_all.py --resume RUN_DIR`: trainings and finished trials are not redone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from conftest import tiny_raw_config
+
+    root = Path(__file__).resolve().parents[1]
+    raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
+    raw["search"]["levels"] = 4  # 3 + 1 + 1 + 1 trials: time to be killed in the middle
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_dir = tmp_path / "runs" / "tiny"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/train_all.py", "--config", str(cfg_file)], cwd=root, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    exp = run_dir / "ray" / "search-overlap-brevity"
+    deadline = time.time() + 420
+    done = []
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in exp.glob("evaluate_weights_*/result.json") if p.stat().st_size > 0]
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(done) >= 2 and not (run_dir / "eval" / "metrics.json").exists(), \
+        (tmp_path / "first.log").read_text()[-3000:]
+    manifest = (run_dir / "training" / "manifest.json").read_text()
+    checkpoints = sorted(str(p) for p in (run_dir / "ray").glob("train-*/checkpoint_*"))
+    finished = {p.parent.name for p in exp.glob("evaluate_weights_*/result.json") if p.stat().st_size > 0}
+    time.sleep(2)
+
+    again = subprocess.run([sys.executable, "jobs/train_all.py", "--resume", str(run_dir)], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "training" / "manifest.json").read_text() == manifest  # nothing retrained
+    assert sorted(str(p) for p in (run_dir / "ray").glob("train-*/checkpoint_*")) == checkpoints
+    for name in finished:  # finished trials kept their single result
+        assert len((exp / name / "result.json").read_text().strip().splitlines()) == 1
+    points = pq.read_table(run_dir / "search" / "points.parquet").to_pylist()
+    assert len(points) == 6 and (run_dir / "eval" / "metrics.json").exists()

@@ -68,6 +68,28 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers
     assert len([p for p in storage.glob("checkpoint_*") if p.is_dir()]) == cfg.training.keep_checkpoints
 
 
+def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_path):
+    """At step 2 the trainer kills its scorer's replica: Serve starts a new one, the trainer's
+    calls are retried, and the run ends exactly like an undisturbed one."""
+    from emorl_ray.rewards.serve import app_name, serve_replicas
+    from emorl_ray.training.launch import TrainJob, fit
+
+    cfg = ray_with_scorers
+    job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
+    clean = fit(cfg, tmp_path / "clean", job)
+    before = serve_replicas(app_name("overlap"))
+    marker = tmp_path / "killed-once"
+    killed = fit(cfg, tmp_path / "killed", job, extra={"kill_scorers_at_step": 2, "kill_marker": str(marker)})
+    assert marker.exists()
+    after = serve_replicas(app_name("overlap"))
+    assert len(after) == len(before) and not set(after) & set(before)  # replaced, not the same actors
+    for key in ("steps", "data_points", "final_val_score"):
+        assert killed[key] == clean[key], key
+    a = pq.read_table(clean["metrics_path"]).to_pylist()
+    b = pq.read_table(killed["metrics_path"]).to_pylist()
+    assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
+
+
 def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tmp_path):
     from emorl_ray.training.launch import single_objective_jobs, train_all
 

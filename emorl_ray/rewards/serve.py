@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ray import serve
 
@@ -120,5 +121,23 @@ class ServeRewards:
                     if attempt == self.retries or isinstance(e, ScorerError):
                         raise
                     log.warning("scorer %r call failed (%s); retrying", o, e)
+                    time.sleep(2 ** attempt)  # give Serve's controller time to replace the replica
                     resp = self._call(o, prompts, responses)
         return out
+
+
+def serve_replicas(app: str) -> list[str]:
+    """Names of the live replica actors of a Serve application (from the GCS; no dashboard needed)."""
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+
+
+def kill_serve_replicas(apps: list[str]) -> None:
+    """Fault injection for tests: kill every replica of `apps`; Serve's controller starts new ones."""
+    import ray
+
+    for app in apps:
+        for name in serve_replicas(app):
+            ray.kill(ray.get_actor(name, namespace="serve"))

@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from emorl_ray.data import load_splits
     from emorl_ray.metrics import record_train_step, record_validation
-    from emorl_ray.rewards.serve import ServeRewards
+    from emorl_ray.rewards.serve import ServeRewards, app_name, kill_serve_replicas
     from emorl_ray.training.scst import converged, generate, scst_step
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -203,7 +203,12 @@ def train_loop_per_worker(config: dict) -> None:
         return not cfg.faithful or state["step"] % steps_per_epoch == 0
 
     fail_at = config.get("fail_at_step")
+    kill_at = config.get("kill_scorers_at_step")
     while not finished():
+        # Fault-injection hook for tests: kill this run's scorer replicas once (Serve replaces them).
+        if kill_at is not None and state["step"] == kill_at and not os.path.exists(config["kill_marker"]):
+            Path(config["kill_marker"]).touch()
+            kill_serve_replicas([app_name(o) for o in objectives])
         # Fault-injection hook for tests: fail once, after the checkpoint of an earlier step.
         if fail_at is not None and state["step"] == fail_at and not os.path.exists(config["fail_marker"]):
             Path(config["fail_marker"]).touch()
