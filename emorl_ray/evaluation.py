@@ -70,12 +70,13 @@ def methods_to_evaluate(objectives: list[str], best_weights: dict, baselines: li
             methods[f"single: {o}"] = {"weights": {o: 1.0}, "runs": [o]}
     if "equal" in include:
         methods["ensemble, equal weights"] = {"weights": {o: 1.0 for o in objectives}, "runs": list(objectives)}
+    # A searched method costs every objective's run, also one whose weight came out 0: the search
+    # needed that adapter trained to find the 0 (the paper counts EMORL's cost the same way).
     if "emorl" in include:
-        methods["EMORL (searched weights)"] = {"weights": best_weights,
-                                               "runs": [o for o in objectives if best_weights[o] > 0]}
+        methods["EMORL (searched weights)"] = {"weights": best_weights, "runs": list(objectives)}
     for aggregation, w in (compared or {}).items() if "compared" in include else ():
         methods[f"{aggregation} aggregation (searched weights)"] = {
-            "weights": w, "aggregation": aggregation, "runs": [o for o in objectives if w[o] > 0]}
+            "weights": w, "aggregation": aggregation, "runs": list(objectives)}
     for m in baselines if "baselines" in include else ():
         label = f"baseline: {m['name']}" + ("" if m["lora"] else " (full fine-tune)")
         methods[label] = ({"weights": {m["name"]: 1.0}, "runs": [m["name"]]} if m["lora"] else

@@ -36,6 +36,7 @@ def resource_requests(cfg: ExperimentConfig, objectives: list[str] | None = None
     se = cfg.search
     out.append(("search.evaluator_*", _nonzero({"CPU": se.evaluator_cpus, "GPU": se.evaluator_gpus,
                                                 **se.evaluator_resources}), se.evaluator_replicas))
+    out.append(("search.trial_cpus", {"CPU": se.trial_cpus}, se.max_concurrent_trials))
     return out
 
 

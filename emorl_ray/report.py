@@ -83,7 +83,9 @@ def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict],
                    "(sampled generations are first averaged per prompt). Diversity-2 = distinct bigrams / "
                    "bigrams over all generations; the authors' variant = distinct bigrams / words per "
                    "generation, averaged. Edit rate = word-level edit distance to the prompt / length "
-                   "(0 = a copy of the prompt). Training cost counts only the runs a method uses. "
+                   "(0 = a copy of the prompt). Training cost counts the runs a method needed: a searched ensemble "
+                   "all of its objectives' runs (the search needed each adapter), a single adapter or "
+                   "a baseline its own. "
                    + (f"Sampling: temperature {sp['temperature']}, top-k {sp['top_k'] or 'off'}, top-p {sp['top_p']}, "
                       f"seed {sp['seed']}. " if sp else "") + "Samples: `eval/samples.parquet`."))
 

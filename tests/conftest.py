@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Several tests start and stop a local Ray in one process; on a loaded 2-core machine the next
+# GCS can take longer than Ray's default 30 s to publish its port.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import pytest  # noqa: E402
 

@@ -32,6 +32,7 @@ def test_requests_that_fit_pass(tiny_causal, tmp_path):
      "needs 9 x"),
     (lambda r: r["training"]["scaling"].update(resources={"tpu_slice": 1}), "training.scaling", "tpu_slice: 1"),
     (lambda r: r["search"].update(evaluator_cpus=32), "search.evaluator_*", "no node"),
+    (lambda r: r["search"].update(trial_cpus=2, max_concurrent_trials=16), "search.trial_cpus", "needs 16 x"),
 ])
 def test_a_request_that_can_never_fit_is_named(tiny_causal, tmp_path, change, field, words):
     raw = tiny_raw_config(tiny_causal, tmp_path)

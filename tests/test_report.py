@@ -68,7 +68,9 @@ def test_methods_to_evaluate_groups():
     all_ = methods_to_evaluate(["a", "b"], {"a": 1, "b": 0}, base, {"logit": {"a": 1, "b": 1}})
     assert list(all_) == ["base model", "single: a", "single: b", "ensemble, equal weights",
                           "EMORL (searched weights)", "logit aggregation (searched weights)", "baseline: uniform"]
-    assert all_["EMORL (searched weights)"]["runs"] == ["a"]  # a weight-0 adapter cost nothing
+    # The search needed every adapter trained, also the one whose weight came out 0.
+    assert all_["EMORL (searched weights)"]["runs"] == ["a", "b"]
+    assert all_["single: a"]["runs"] == ["a"] and all_["baseline: uniform"]["runs"] == ["uniform"]
     some = methods_to_evaluate(["a", "b"], {"a": 1, "b": 0}, base, {"logit": {"a": 1, "b": 1}},
                                include=["emorl", "baselines"])
     assert list(some) == ["EMORL (searched weights)", "baseline: uniform"]

@@ -170,3 +170,41 @@ def test_checkpoint_checksums_catch_damage(tmp_path, tiny_causal):
     with pytest.raises(CorruptCheckpoint, match="no state.json"):
         verify_checkpoint(tmp_path)
 
+
+
+def test_response_logprobs_and_their_gradients_with_and_without_checkpointing(tiny_config):
+    """token_logprobs projects only the response positions; it must equal log-softmax over the full
+    logits, and gradient checkpointing must change memory, not gradients."""
+    import dataclasses
+
+    from emorl_ray.training.loop import build_trainable
+    from emorl_ray.training.scst import token_logprobs
+
+    grads = []
+    for checkpointing in (False, True):
+        cfg = dataclasses.replace(tiny_config, training=dataclasses.replace(
+            tiny_config.training, gradient_checkpointing=checkpointing, lora=LoraConfig(r=2, alpha=4, dropout=0.0)))
+        torch.manual_seed(0)
+        policy, _ = build_trainable(cfg, "cpu")
+        model = policy.model
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        for n, p in model.named_parameters():  # LoRA B starts at 0; make the adapter do something
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(1))
+        model.train()
+        enc = policy.encode(["I feel stuck at work and nobody listens", "My dog"])  # left padding
+        ids = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(2))
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+        logp = token_logprobs(policy, model, enc, ids, mask)
+        full = torch.cat([enc["input_ids"], ids], 1)
+        attn = torch.cat([enc["attention_mask"], mask], 1)
+        with torch.no_grad():
+            logits = model(input_ids=full, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+        P = enc["input_ids"].shape[1]
+        expected = logits[:, P - 1:-1].log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+        torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+        logp.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=n)

@@ -72,7 +72,7 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
     # One experiment per set of adapters: adding an objective (jobs/train_objective.py) starts a new search.
     name = "search-" + ("" if main else aggregation + "-") + "-".join(objectives)
     exp_path = storage / name
-    trainable = tune.with_resources(evaluate_weights, {"cpu": 0.01})
+    trainable = tune.with_resources(evaluate_weights, {"cpu": se.trial_cpus})
     if tune.Tuner.can_restore(str(exp_path)):
         log.info("resuming the search from %s", exp_path)
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=False)

@@ -43,6 +43,14 @@ def build_trainable(cfg: ExperimentConfig, device, lora: bool = True):
     from emorl_ray.models import Policy, lora_config
 
     policy = Policy(cfg.model, device)
+    if cfg.training.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach the LoRA weights although the frozen
+        # embeddings' outputs do not require grad.
+        m, kw = policy.model, {"use_reentrant": False}
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     if lora:
         policy.model = get_peft_model(policy.model, lora_config(cfg.training.lora, policy.kind))
     params = [p for p in policy.model.parameters() if p.requires_grad]

@@ -98,8 +98,11 @@ def token_logprobs(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: to
         attn = torch.cat([enc["attention_mask"], mask], 1)
         # Positions from the mask, as `generate` does, so left padding scores like sampling did.
         pos = (attn.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=full, attention_mask=attn, position_ids=pos).logits
-        logits = logits[:, enc["input_ids"].shape[1] - 1:-1]
+        # Only the positions that predict response tokens go through the LM head: the prompt's
+        # full-vocabulary logits (and their log-softmax and gradient) would be most of the memory.
+        T = ids.shape[1]
+        logits = model(input_ids=full, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
+        logits = logits[:, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return logp * mask
 
