@@ -12,12 +12,21 @@ from emorl_ray.models import Policy
 pytestmark = pytest.mark.e2e
 
 
-def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch):
+def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, request):
+    import ray
+
     from emorl_ray.config import parse_config
     from emorl_ray.pipeline import run
 
     secret = "emorl-test-secret-5f1c9a"  # a credential in the environment must not reach the run directory
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    # One local Ray for the whole test, which each job below joins as it would a cluster's (its Serve
+    # apps are removed at its end). Starting and stopping Ray five times in one process is flaky on
+    # Ray 2.60: a daemon forked while the last session's gRPC threads still run can abort before it
+    # logs anything. The job's own local start is covered by the killed-driver test below.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    request.addfinalizer(ray.shutdown)
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
     raw["baselines"] = {"methods": ["uniform", "dynaopt"]}
