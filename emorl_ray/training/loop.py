@@ -47,7 +47,7 @@ def build_trainable(cfg: ExperimentConfig, device, lora: bool = True):
         # Non-reentrant checkpointing: gradients reach the LoRA weights although the frozen
         # embeddings' outputs do not require grad.
         m, kw = policy.model, {"use_reentrant": False}
-        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+        if hasattr(m, "activation_checkpointing_enable"):  # today's name; the old one is deprecated
             m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)

@@ -99,7 +99,7 @@ def token_logprobs(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: to
         # Positions from the mask, as `generate` does, so left padding scores like sampling did.
         pos = (attn.cumsum(1) - 1).clamp(min=0)
         # Only the positions that predict response tokens go through the LM head: the prompt's
-        # full-vocabulary logits (and their log-softmax and gradient) would be most of the memory.
+        # full-vocabulary logits would be computed, kept for backward and thrown away.
         T = ids.shape[1]
         logits = model(input_ids=full, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
         logits = logits[:, :-1]
