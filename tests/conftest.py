@@ -3,14 +3,18 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Several tests start and stop a local Ray in one process; on a loaded 2-core machine the next
-# GCS can take longer than Ray's default 30 s to publish its port.
-os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import pytest  # noqa: E402
 
 from emorl_ray.config import parse_config  # noqa: E402
 from emorl_ray.models import build_tiny_model  # noqa: E402
+
+
+def start_local_ray(**kwargs) -> None:
+    """The local Ray every end-to-end test runs on: the 2 CPUs of this machine, quiet."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **kwargs)
 
 
 @pytest.fixture(scope="session")

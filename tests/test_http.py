@@ -71,7 +71,7 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
 
     from emorl_ray.config import parse_config
     from emorl_ray.ensemble.http import deploy_http
-    from conftest import tiny_raw_config
+    from conftest import start_local_ray, tiny_raw_config
     from test_ensemble import _random_adapters
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
@@ -79,7 +79,7 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
     raw["serving"] = {"port": port, "num_cpus": 0.5, "max_prompts": 4, "max_new_tokens": 8}
     cfg = parse_config(raw)
     _, adapters = _random_adapters(tiny_causal, tmp_path, names=("overlap", "brevity"))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_local_ray()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy_http(cfg, adapters)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from peft import PeftModel
 
-from conftest import tiny_raw_config
+from conftest import start_local_ray, tiny_raw_config
 from emorl_ray.models import Policy
 
 pytestmark = pytest.mark.e2e
@@ -24,8 +24,7 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     # apps are removed at its end). Starting and stopping Ray five times in one process is flaky on
     # Ray 2.60: a daemon forked while the last session's gRPC threads still run can abort before it
     # logs anything. The job's own local start is covered by the killed-driver test below.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    start_local_ray(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     request.addfinalizer(ray.shutdown)
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")

@@ -11,6 +11,7 @@ import pytest
 import ray
 from ray import tune
 
+from conftest import start_local_ray
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher
 from emorl_ray.search.run import searcher_state
 from emorl_ray.search.synthetic import FUNCTIONS, synthetic_trial
@@ -21,7 +22,7 @@ OBJ = ["a", "b", "c"]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

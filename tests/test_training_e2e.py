@@ -15,11 +15,11 @@ def ray_with_scorers(tiny_causal, tmp_path_factory):
 
     from emorl_ray.config import parse_config
     from emorl_ray.rewards.serve import deploy_scorers
-    from conftest import tiny_raw_config
+    from conftest import start_local_ray, tiny_raw_config
 
     cfg = parse_config(tiny_raw_config(tiny_causal, tmp_path_factory.mktemp("runs"), max_steps=5, val_every=2,
                                        max_failures=1))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_local_ray()
     serve.start(http_options={"host": "127.0.0.1"})
     deploy_scorers(cfg)
     yield cfg
