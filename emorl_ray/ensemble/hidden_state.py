@@ -39,16 +39,18 @@ class WeightError(ValueError):
 
 
 class _LMHeadInput:
-    """Captures the LM head's input and hands the head an empty slice, so the K*B rows' full
-    vocabulary projections (wasted work: only the combined state is projected) are never computed."""
+    """Captures the LM head's input. With `skip_head` (the fast path) it hands the head an empty
+    slice, so the K*B rows' full vocabulary projections (wasted work: only the combined state is
+    projected) are never computed."""
 
-    def __init__(self, model):
+    def __init__(self, model, skip_head: bool = True):
         self.head = model.get_output_embeddings()
+        self.skip_head = skip_head
         self.value = None
 
     def _hook(self, module, args):
         self.value = args[0]
-        return (args[0][..., :0, :],)
+        return (args[0][..., :0, :],) if self.skip_head else None
 
     def __enter__(self):
         self._handle = self.head.register_forward_pre_hook(self._hook)
@@ -58,14 +60,30 @@ class _LMHeadInput:
         self._handle.remove()
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ b) for 2-D x. A decode step multiplies a handful of rows (K*B) by every weight
+    matrix; on a CPU, MKL streams the weight 2-4x faster for 2-6 rows when the product is written
+    W @ x^T (the weight as the left operand), and is still ahead up to about 48 rows, while
+    prefill-sized inputs are faster as F.linear (bench/skinny_matmul.py, on SmolLM2's shapes).
+    GPUs keep F.linear: nothing was measured there."""
+    if x.device.type != "cpu" or x.shape[0] > _SKINNY_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch.mm(weight, x.t()).t().contiguous()
+    return y if bias is None else y.add_(bias)
+
+
+_SKINNY_ROWS = 48
+
+
 class _StackedLoRA:
     """All K adapters in one batched LoRA product per layer, for adapter-major row blocks.
 
     peft's mixed-adapter batches (`adapter_names=`) gather and scatter every adapter's rows in
     every LoRA layer at every step, in Python; with K contiguous row blocks the whole LoRA term is
-    two batched matmuls: delta = bmm(bmm(x_k, A_k^T), (s_k B_k)^T). Inside this context peft
-    computes only the base layers (`disable_adapter`) and a forward hook on each LoRA layer adds
-    the stacked term. Adapters of different rank are zero-padded to the largest rank.
+    two batched matmuls: delta = bmm(bmm(x_k, A_k^T), (s_k B_k)^T). Inside this context each LoRA
+    layer's forward is replaced by base product + stacked term (peft's own forward, which is left
+    untouched outside, would add its single active adapter to every row). Adapters of different
+    rank are zero-padded to the largest rank.
     """
 
     def __init__(self, model, names: list[str]):
@@ -80,6 +98,8 @@ class _StackedLoRA:
         for m in model.modules():
             if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
                 if not isinstance(m.base_layer, torch.nn.Linear) or any(n in m.lora_variant for n in names):
+                    return False
+                if getattr(m, "merged_adapters", None):  # a merged adapter lives inside the base weight
                     return False
             if hasattr(m, "lora_embedding_A") and any(n in m.lora_embedding_A for n in names):
                 return False
@@ -99,15 +119,19 @@ class _StackedLoRA:
 
     def __enter__(self):
         self._stack = contextlib.ExitStack()
+        # LoRA layers this context does not replace (other adapters' only) must add nothing.
         self._stack.enter_context(self.model.disable_adapter())
         K = len(self.names)
         for m, A, B in self.stacks:
-            def hook(mod, args, out, A=A, B=B):
-                x = args[0]
-                delta = torch.bmm(torch.bmm(x.reshape(K, -1, x.shape[-1]).to(A.dtype), A), B)
-                return out + delta.view(out.shape).to(out.dtype)
+            def forward(x, *args, base=m.base_layer, A=A, B=B, **kwargs):
+                rows = x.reshape(-1, x.shape[-1])
+                y = _linear(rows, base.weight, base.bias)
+                xa = torch.bmm(rows.view(K, -1, rows.shape[-1]).to(A.dtype), A)
+                y.view(K, -1, y.shape[-1]).baddbmm_(xa.to(y.dtype), B.to(y.dtype))
+                return y.view(*x.shape[:-1], -1)
 
-            self._stack.callback(m.register_forward_hook(hook).remove)
+            m.forward = forward  # an instance attribute shadows the class's forward until removed
+            self._stack.callback(delattr, m, "forward")
         return self
 
     def __exit__(self, *exc):
@@ -174,9 +198,22 @@ class AdapterEnsemble:
             model.load_adapter(adapters[name], adapter_name=name)
         self.model = model.eval()
         self.policy = policy
+        self._routings: dict[tuple[str, ...], _StackedLoRA | str] = {}
 
     def check_weights(self, weights: Mapping[str, float] | Sequence[float]) -> list[float]:
         return check_weights(weights, self.names)
+
+    def _routing(self, names: list[str]):
+        """How K adapters share one batched forward: stacked LoRA products, or peft's mixed-adapter
+        batches for what the stack does not cover (LoRA variants, embedding adapters). Kept per set
+        of adapters, except the merged one, which is rebuilt with new weights on every call."""
+        key = tuple(names)
+        if key not in self._routings:
+            routing = _StackedLoRA(self.model, names) if _StackedLoRA.supported(self.model, names) else "mixed"
+            if MERGED in names:
+                return routing
+            self._routings[key] = routing
+        return self._routings[key]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], weights: Mapping[str, float] | Sequence[float] | None,
@@ -198,12 +235,7 @@ class AdapterEnsemble:
             active = [(MERGED, 1.0)]
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         names = [name for name, _ in active]
-        if names == [BASE]:
-            routing = "base"
-        elif _StackedLoRA.supported(self.model, names):
-            routing = _StackedLoRA(self.model, names)
-        else:  # LoRA variants / embedding adapters: peft's own (slower) mixed-adapter batches
-            routing = "mixed"
+        routing = "base" if names == [BASE] else self._routing(names)
         texts = []
         try:
             for i in range(0, len(prompts), batch_size):
@@ -243,15 +275,15 @@ class AdapterEnsemble:
                             use_cache=True, logits_to_keep=1, **kw)
             for _ in range(max_new_tokens):
                 rows_h = cap.value[:, -1]
-                # F.linear, not head(): the capture hook sits on head's forward.
+                # _linear, not head(): the capture hook sits on head's forward.
                 if mix_logits:   # p = sum_i w_i p_i on the shared prefix, as log-probs for choose_token
-                    logp = torch.nn.functional.linear(rows_h, head.weight, head.bias).float()
+                    logp = _linear(rows_h, head.weight, head.bias).float()
                     logp = (logp / temperature).log_softmax(-1).view(K, B, -1)
                     logits = torch.logsumexp(logp + (w / w.sum()).log().to(logp.dtype), dim=0)
                     step_temperature = 1.0
                 else:            # h = sum_i w_i h_i, one projection
                     h = (w * rows_h.view(K, B, -1).to(w.dtype)).sum(0)
-                    logits = torch.nn.functional.linear(h.to(head.weight.dtype), head.weight, head.bias).float()
+                    logits = _linear(h.to(head.weight.dtype), head.weight, head.bias).float()
                     step_temperature = temperature
                 nxt = choose_token(logits, greedy, step_temperature, top_k, top_p, gen).to(dev)
                 nxt = nxt.masked_fill(finished, policy.pad_token_id)

@@ -1,6 +1,7 @@
 """A deliberately plain hidden-state ensemble, shaped like the authors' loop (spec §5.2):
 K full model copies (each adapter merged into its own copy of the base), no KV cache, the whole
-prompt + prefix re-run through every model at every step.
+prompt + prefix re-run through every model at every step, and, as there, the LM head applied to
+every position (each model's own forward, then the combined states) though only the last is used.
 
 It is the correctness oracle for `AdapterEnsemble` (same tokens, see tests) and the speed
 baseline of `bench/ensemble_decode.py`. Unlike the authors' loop it pads after EOS, so that the
@@ -37,7 +38,7 @@ class ReferenceEnsemble:
         for _ in range(max_new_tokens):
             h = 0
             for name, model in zip(self.names, self.models):
-                with _LMHeadInput(model) as cap:
+                with _LMHeadInput(model, skip_head=False) as cap:
                     if p.is_seq2seq:
                         start = torch.full((B, 1), model.config.decoder_start_token_id, device=dev)
                         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
@@ -46,9 +47,9 @@ class ReferenceEnsemble:
                         ids = torch.cat([enc["input_ids"], out], 1)
                         attn = torch.cat([enc["attention_mask"], torch.ones_like(out)], 1)
                         model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0))
-                h = h + weights[name] * cap.value[:, -1]
+                h = h + weights[name] * cap.value
             head = self.models[0].get_output_embeddings()
-            nxt = torch.nn.functional.linear(h, head.weight, head.bias).argmax(-1)
+            nxt = torch.nn.functional.linear(h, head.weight, head.bias)[:, -1].argmax(-1)
             nxt = nxt.masked_fill(finished, p.pad_token_id)
             out = torch.cat([out, nxt[:, None]], 1)
             finished |= nxt == p.eos_token_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from ray import serve, tune
@@ -73,6 +74,9 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
     name = "search-" + ("" if main else aggregation + "-") + "-".join(objectives)
     exp_path = storage / name
     trainable = tune.with_resources(evaluate_weights, {"cpu": se.trial_cpus})
+    # Tune saves the experiment state (what a restore knows is finished) at most every 10 s by
+    # default; trials here take seconds, so a killed driver would redo several. Save every second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if tune.Tuner.can_restore(str(exp_path)):
         log.info("resuming the search from %s", exp_path)
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=False)
