@@ -105,6 +105,29 @@ def test_fast_path_equals_the_plain_reference(kind, tiny_causal, tiny_t5, tmp_pa
         assert ens.generate(PROMPTS, w, 12) == ref.generate(PROMPTS, w, 12)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 48, 49, 200])
+@pytest.mark.parametrize("bias", [True, False])
+def test_skinny_product_is_the_linear_product(rows, bias):
+    from emorl_ray.ensemble.hidden_state import _linear
+
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 64), torch.randn(96, 64)
+    b = torch.randn(96) if bias else None
+    torch.testing.assert_close(_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+def test_generate_leaves_the_peft_layers_as_they_were(tiny_causal, tmp_path):
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    enc = ens.policy.encode(PROMPTS)
+    before = ens.model(**enc).logits
+    for aggregation in ("hidden_state", "logit", "parameter"):
+        ens.generate(PROMPTS, {"a": 0.5, "b": 0.3, "c": 0.2}, 4, aggregation=aggregation)
+    assert not [n for n, m in ens.model.named_modules() if "forward" in vars(m)]
+    assert ens.model.active_adapter == "a" and "__merged__" not in ens.model.peft_config
+    torch.testing.assert_close(ens.model(**enc).logits, before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["causal", "t5"])
 def test_logit_and_parameter_aggregation_run(kind, tiny_causal, tiny_t5, tmp_path):
     mc, adapters = _random_adapters(tiny_causal if kind == "causal" else tiny_t5, tmp_path)

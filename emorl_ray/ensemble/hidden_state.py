@@ -123,9 +123,14 @@ class _StackedLoRA:
         self._stack.enter_context(self.model.disable_adapter())
         K = len(self.names)
         for m, A, B in self.stacks:
-            def forward(x, *args, base=m.base_layer, A=A, B=B, **kwargs):
+            base = m.base_layer
+            # Subclasses of Linear (quantized layers) compute their own product.
+            product = base if type(base) is not torch.nn.Linear else (
+                lambda rows, base=base: _linear(rows, base.weight, base.bias))
+
+            def forward(x, *args, product=product, A=A, B=B, **kwargs):
                 rows = x.reshape(-1, x.shape[-1])
-                y = _linear(rows, base.weight, base.bias)
+                y = product(rows)
                 xa = torch.bmm(rows.view(K, -1, rows.shape[-1]).to(A.dtype), A)
                 y.view(K, -1, y.shape[-1]).baddbmm_(xa.to(y.dtype), B.to(y.dtype))
                 return y.view(*x.shape[:-1], -1)
