@@ -152,13 +152,18 @@ def main() -> int:
                                   eos_token_id=policy.eos_token_id)
         return out.shape[1] - enc["input_ids"].shape[1]
 
+    def decode_steps(texts, n):
+        """Decode steps taken: the longest row (all rows stop together at the last EOS)."""
+        if isinstance(policy, TokenIdPolicy):
+            return max(len(t.split()) for t in texts)
+        # Re-tokenising the text may miss by a token or two; it only matters when a row ended early.
+        return min(n, max(len(policy.tokenizer(t, add_special_tokens=False).input_ids) for t in texts))
+
     def run_ensemble(prompts, n=N):
-        texts = ens.generate(prompts, weights, n, batch_size=len(prompts))
-        return max(len(t.split()) for t in texts) if isinstance(policy, TokenIdPolicy) else n
+        return decode_steps(ens.generate(prompts, weights, n, batch_size=len(prompts)), n)
 
     def run_reference(prompts, n=N):
-        texts = ref.generate(prompts, weights, n)
-        return max(len(t.split()) for t in texts) if isinstance(policy, TokenIdPolicy) else n
+        return decode_steps(ref.generate(prompts, weights, n), n)
 
     prompt_tokens = int(policy.encode(prompts_all[:1])["input_ids"].shape[1])
     rows = []
