@@ -1,9 +1,10 @@
 """Decoding throughput of (a) one adapter alone (HF `generate`), (b) the K-adapter hidden-state
 ensemble (one batched forward per step, KV cache) and (c) the plain reference loop shaped like the
-authors' (K model copies, no cache), measured in one run on the same model, prompts and lengths.
+authors' (K model copies, no cache, the LM head over every position), measured in one run on the
+same model, prompts and lengths.
 
     python bench/ensemble_decode.py --quick                      # small random model, ~1 minute
-    python bench/ensemble_decode.py                              # SmolLM2-135M's shape (CPU: ~15 minutes)
+    python bench/ensemble_decode.py                              # SmolLM2-135M's shape (2 CPU cores: 9 minutes)
     python bench/ensemble_decode.py --model smollm2              # the embedded default's real weights
     python bench/ensemble_decode.py --model tiny                 # the 2-layer test model (overhead only)
     python bench/ensemble_decode.py --model random:smollm2-135m --device cuda --dtype bfloat16

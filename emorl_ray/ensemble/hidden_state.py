@@ -60,6 +60,9 @@ class _LMHeadInput:
         self._handle.remove()
 
 
+_SKINNY_ROWS = 48  # up to this many rows, _linear multiplies W @ x^T on a CPU
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T (+ b) for 2-D x. A decode step multiplies a handful of rows (K*B) by every weight
     matrix; on a CPU, MKL streams the weight 2-4x faster for 2-6 rows when the product is written
@@ -70,9 +73,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         return torch.nn.functional.linear(x, weight, bias)
     y = torch.mm(weight, x.t()).t().contiguous()
     return y if bias is None else y.add_(bias)
-
-
-_SKINNY_ROWS = 48
 
 
 class _StackedLoRA:
