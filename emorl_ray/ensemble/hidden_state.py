@@ -88,7 +88,7 @@ class _StackedLoRA:
 
     def __init__(self, model, names: list[str]):
         self.model, self.names = model, names
-        # Built once per `generate` call and reused for every chunk and step.
+        # The adapters' weights never change after loading: the ensemble keeps one per adapter set.
         self.stacks = [(m, *self._stacks(m)) for m in model.modules()
                        if hasattr(m, "lora_A") and hasattr(m, "base_layer")
                        and isinstance(m.base_layer, torch.nn.Linear) and any(n in m.lora_A for n in names)]
@@ -212,13 +212,12 @@ class AdapterEnsemble:
         """How K adapters share one batched forward: stacked LoRA products, or peft's mixed-adapter
         batches for what the stack does not cover (LoRA variants, embedding adapters). Kept per set
         of adapters, except the merged one, which is rebuilt with new weights on every call."""
-        key = tuple(names)
-        if key not in self._routings:
+        routing = self._routings.get(tuple(names))
+        if routing is None:
             routing = _StackedLoRA(self.model, names) if _StackedLoRA.supported(self.model, names) else "mixed"
-            if MERGED in names:
-                return routing
-            self._routings[key] = routing
-        return self._routings[key]
+            if MERGED not in names:
+                self._routings[tuple(names)] = routing
+        return routing
 
     @torch.no_grad()
     def generate(self, prompts: list[str], weights: Mapping[str, float] | Sequence[float] | None,
