@@ -2,7 +2,8 @@
 
 Methods: hierarchical simplex (ours), hierarchical cube with and without cache (the authors'),
 Tune's grid search over a simplex grid, Tune's random search, and Optuna TPE, the last three at
-the same budget as the simplex search. Reference: the best score of a dense simplex grid (1/32).
+the same budget as the simplex search. The TPE row is skipped, with the reason, where optuna is
+not installed. Reference: the best score of a dense simplex grid (1/32).
 
 Synthetic objectives (`emorl_ray.search.synthetic`) always; with `--run-dir` also the real
 ensemble objective of a finished run (the embedded default's adapters and scorers), where the
@@ -83,6 +84,19 @@ def summarise(name: str, out: dict, reference: float) -> dict:
             "trials_to_reach_dense_best": reach, "wall_s": out["wall_s"], "best_weights": bw}
 
 
+def skipped(name: str, reason: str) -> dict:
+    """A row that could not run here, with the reason, instead of a number."""
+    return {"method": name, "skipped": reason, "trials": None, "best": None, "gap": None,
+            "trials_to_reach_dense_best": None, "wall_s": None, "best_weights": None}
+
+
+def table_row(m: dict, digits: int) -> str:
+    if m.get("skipped"):
+        return f"| {m['method']} | skipped: {m['skipped']} | | | | |"
+    return (f"| {m['method']} | {m['trials']} | {m['best']:.{digits}f} | {m['gap']:.{digits}f} | "
+            f"{m['trials_to_reach_dense_best'] or '-'} | {m['wall_s']} |")
+
+
 def hierarchical(objectives, param, levels, cache):
     return HierarchicalGridSearcher(objectives, "score", "max", levels=levels, parameterization=param, cache=cache)
 
@@ -105,12 +119,19 @@ def compare_methods(trainable, const: dict, objectives: list[str], levels: int, 
     grid = [dict(zip(objectives, w)) for w in simplex_grid(n, len(objectives))]
     results.append(summarise(f"Tune grid search (simplex grid 1/{n})",
                              run({**const, "weights": tune.grid_search(grid)}), reference))
-    from ray.tune.search.optuna import OptunaSearch
+    try:
+        import optuna  # noqa: F401  (Tune's OptunaSearch needs it; an optional benchmark row)
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        OptunaSearch = None
 
     space = {**const, "weights": {o: tune.uniform(0.0, 1.0) for o in objectives}}
     for b in (budget, *extra_budgets):
         results.append(summarise(f"Tune random search ({b} trials)", run(space, n=b), reference))
-        results.append(summarise(f"Optuna TPE ({b} trials)", run(space, OptunaSearch(seed=0), b), reference))
+        if OptunaSearch is None:
+            results.append(skipped(f"Optuna TPE ({b} trials)", "optuna is not installed (pip install optuna)"))
+        else:
+            results.append(summarise(f"Optuna TPE ({b} trials)", run(space, OptunaSearch(seed=0), b), reference))
     return results
 
 
@@ -198,16 +219,14 @@ def main() -> int:
         print(f"\n{s['function']}: dense 1/32 grid best {s['dense_best']:.6f} over {s['dense_grid_points']} points")
         print("| method | trials | best | gap to dense best | trials to reach it | wall s |\n|---|---|---|---|---|---|")
         for m in s["methods"]:
-            print(f"| {m['method']} | {m['trials']} | {m['best']:.6f} | {m['gap']:.6f} | "
-                  f"{m['trials_to_reach_dense_best'] or '-'} | {m['wall_s']} |")
+            print(table_row(m, 6))
     if "real" in report:
         r = report["real"]
         print(f"\nreal ensemble objective ({', '.join(r['objectives'])}): dense 1/8 grid best "
               f"{r['dense_1_8']['best']:.4f} in {r['dense_1_8']['trials']} trials, {r['dense_1_8']['wall_s']} s")
         print("| method | trials | best | gap to dense best | trials to reach it | wall s |\n|---|---|---|---|---|---|")
         for m in r["methods"]:
-            print(f"| {m['method']} | {m['trials']} | {m['best']:.4f} | {m['gap']:.4f} | "
-                  f"{m['trials_to_reach_dense_best'] or '-'} | {m['wall_s']} |")
+            print(table_row(m, 4))
         print("simplex search per level, 1 vs 2 trial workers:", json.dumps(r["simplex_per_level_1_vs_2_workers"]))
     first = report["synthetic"][0]
     simplex = first["methods"][0]

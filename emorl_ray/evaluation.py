@@ -101,7 +101,10 @@ def per_prompt_means(values: list[float], n_prompts: int) -> list[float]:
 
 def result_row(name: str, method: dict, res: dict, objectives: list[str], cost: dict, n_prompts: int) -> dict:
     """One method's line of a results table, from the evaluator's answer for it."""
-    row = {"method": name, "weights": method["weights"], "aggregation": method.get("aggregation")}
+    # The weights the decode applied (w / sum w, except for parameter aggregation), adapters at 0 left out.
+    used = res.get("weights_used")
+    used = None if used is None else {n: w for n, w in used.items() if w > 0}
+    row = {"method": name, "weights": used, "aggregation": method.get("aggregation")}
     for o in objectives:
         row[o], row[f"{o}_ci95"] = mean_ci(per_prompt_means(res["scores"][o], n_prompts))
     row["average"] = sum(row[o] for o in objectives) / len(objectives)

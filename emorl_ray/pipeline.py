@@ -128,7 +128,7 @@ def run(cfg: ExperimentConfig) -> dict:
         timings["eval_wall_s"] = time.time() - t
     timings["total_wall_s"] = time.time() - t_start
     summary = {"run_dir": str(run_dir), "report": str(report["html"]), "report_markdown": str(report["markdown"]),
-               "timings": timings, "best_weights": search["best_weights_normalized"],
+               "timings": timings, "best_weights": search["best_weights_used"],
                "best_val_score": search["best_score"]}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

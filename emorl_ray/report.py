@@ -22,10 +22,14 @@ def _fmt(x, nd=4):
     return str(x)
 
 
+def _weights_text(weights: dict | None) -> str:
+    return "-" if not weights else ", ".join(f"{n} {w:.3g}" for n, w in weights.items())
+
+
 def results_table(methods: list[dict], objectives: list[str]) -> tuple[list[str], list[list]]:
-    header = (["method"] + objectives + ["average", "Diversity-2", "Diversity-2 (authors')", "edit rate",
+    header = (["method", "weights used"] + objectives + ["average", "Diversity-2", "Diversity-2 (authors')", "edit rate",
                                          "train data points", "train s"])
-    rows = [[r["method"]] + [f"{r[o]:.4f} ± {r[o + '_ci95']:.4f}" for o in objectives] +
+    rows = [[r["method"], _weights_text(r.get("weights"))] + [f"{r[o]:.4f} ± {r[o + '_ci95']:.4f}" for o in objectives] +
             [r["average"], r["distinct_2"], r["distinct_2_authors"], r["edit_rate"], r["train_data_points"],
              r["train_seconds"]] for r in methods]
     return header, rows
@@ -70,8 +74,10 @@ def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict],
     b += [("h2", f"Stages 2+3: hierarchical search of the ensemble weights ({search['aggregation']} aggregation)"),
           ("p", f"{search['parameterization']} parameterisation, {search['levels']} levels, {search['trials']} "
                 f"trials ({search['failed_trials']} failed). Best validation score {search['best_score']:.4f} at "
-                + ", ".join(f"{o}={w:.4f}" for o, w in search["best_weights_normalized"].items())
-                + " (normalised). All points: `search/points.parquet`.")]
+                + ", ".join(f"{o}={w:.4f}" for o, w in search["best_weights_used"].items())
+                + (" (as decoded: w / sum w; the ensemble is scale-invariant)" if search["weights_scale_invariant"]
+                   else " (as decoded: parameter aggregation scales each adapter's delta W by its weight)")
+                + ". All points: `search/points.parquet`.")]
     if (run_dir / "search" / "heatmap.png").exists():
         b.append(("img", "search/heatmap.png", "searched weights"))
 

@@ -55,6 +55,39 @@ def test_greedy_output_is_invariant_to_scaling_the_weights(tiny_causal, tmp_path
     assert ens.generate(PROMPTS, list(w.values()), 10) == ens.generate(PROMPTS, w, 10)
 
 
+@pytest.mark.parametrize("aggregation", ["hidden_state", "logit"])
+def test_sampled_output_is_invariant_to_scaling_the_weights(tiny_causal, tmp_path, aggregation):
+    """One weight convention: the ensemble decodes with w / sum w, so (1, 1, 1) samples at the
+    requested temperature, not at 1/3 of it (logits are linear in h)."""
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    w = {"a": 0.2, "b": 0.5, "c": 0.3}
+    kw = dict(greedy=False, seed=11, temperature=1.3, aggregation=aggregation)
+    assert ens.generate(PROMPTS, w, 10, **kw) == ens.generate(PROMPTS, {k: 3 * v for k, v in w.items()}, 10, **kw)
+    assert ens.weights_used({k: 3 * v for k, v in w.items()}, aggregation) == pytest.approx(w)
+    # ... while the merged adapter of parameter aggregation depends on the scale of w.
+    assert ens.weights_used({k: 3 * v for k, v in w.items()}, "parameter") == pytest.approx(
+        {k: 3 * v for k, v in w.items()})
+
+
+@pytest.mark.parametrize("aggregation", ["hidden_state", "logit", "parameter"])
+def test_mixed_weight_batch_equals_each_prompt_alone(tiny_causal, tmp_path, aggregation):
+    """Each prompt of a batch may carry its own weights; the batch decodes in one forward per step
+    (one per distinct vector for parameter aggregation) and gives each prompt the tokens it gets alone."""
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    rows = [{"a": 1.0, "b": 0.0, "c": 0.0}, [0.2, 0.5, 0.3], {"a": 0.0, "b": 2.0, "c": 1.0},
+            [1.0, 1.0, 1.0], {"a": 0.0, "b": 0.0, "c": 1.0}, [0.2, 0.5, 0.3]]
+    batch = ens.generate(PROMPTS, rows, 10, aggregation=aggregation)
+    alone = [ens.generate([p], w, 10, aggregation=aggregation)[0] for p, w in zip(PROMPTS, rows)]
+    assert batch == alone
+    assert len(set(batch)) > 2  # the rows really decode differently
+    with pytest.raises(WeightError, match="5 weight vectors for 6 prompts"):
+        ens.generate(PROMPTS, rows[:5], 2)
+    with pytest.raises(WeightError, match="all zero"):
+        ens.generate(PROMPTS[:2], [[1, 0, 0], [0, 0, 0]], 2)
+
+
 def test_base_model_path_matches_plain_generate(tiny_causal, tmp_path):
     mc, adapters = _random_adapters(tiny_causal, tmp_path)
     ens = AdapterEnsemble(Policy(mc), adapters)
@@ -172,3 +205,10 @@ def test_adapter_directory_without_an_adapter_is_named(tiny_causal, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="adapter 'b': .*empty holds no adapter_config.json"):
         AdapterEnsemble(Policy(mc), {"a": adapters["a"], "b": str(tmp_path / "empty")})
+
+
+def test_reported_weights_are_the_ones_decoded(tiny_causal, tmp_path):
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc), adapters)
+    assert ens.weights_used([1, 1, 2]) == {"a": 0.25, "b": 0.25, "c": 0.5}
+    assert ens.weights_used([1, 1, 2], "parameter") == {"a": 1.0, "b": 1.0, "c": 2.0}

@@ -96,5 +96,16 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
             assert status == code and err["error"], (body, status, err)
         status, again = _post(url, good)
         assert status == 200 and again["responses"] == out["responses"]  # still up, greedy, same answer
+        # Concurrent requests with different weights are batched into one decode (per-row weights);
+        # each gets what it gets alone.
+        from concurrent.futures import ThreadPoolExecutor
+
+        bodies = [json.dumps({"prompts": ["I feel stuck at work"], "weights": w}).encode()
+                  for w in ([1, 0], [0, 1], [1, 3], [2, 1])]
+        alone = [_post(url, b)[1]["responses"] for b in bodies]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda b: _post(url, b), bodies))
+        assert [r for _, r in together] == [{**r, "responses": a} for (_, r), a in zip(together, alone)]
+        assert all(s == 200 for s, _ in together) and len({tuple(a) for a in alone}) > 1
     finally:
         ray.shutdown()

@@ -102,7 +102,8 @@ def _fake_run(tmp_path, tiny_causal):
     best = {o: float(j == 2) for j, o in enumerate(obj)}
     ternary_heatmap(points, obj, run_dir / "search" / "heatmap.png", best=best)
     search = {"aggregation": "hidden_state", "parameterization": "simplex", "levels": 1, "trials": 3,
-              "failed_trials": 0, "best_score": 0.5, "best_weights": best, "best_weights_normalized": best}
+              "failed_trials": 0, "best_score": 0.5, "best_weights": best, "best_weights_used": best,
+              "weights_scale_invariant": True}
 
     def row(name, v):
         return {"method": name, **{o: v for o in obj}, **{f"{o}_ci95": 0.01 for o in obj}, "average": v,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
+from emorl_ray.config import LoraConfig, ModelConfig, SamplingConfig, TrainingConfig
 from emorl_ray.models import Policy, lora_config
 from emorl_ray.rewards import LocalRewards
 from emorl_ray.rewards.toy import vowel_start
@@ -58,7 +58,8 @@ def test_convergence_rule_stops_at_the_right_validation():
 def test_rollout_masks_after_eos(tiny_causal):
     policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
     torch.manual_seed(0)
-    roll = sample(policy, policy.model, ["I feel stuck at work", "My dog died"], k=3, max_new_tokens=8)
+    roll = sample(policy, policy.model, ["I feel stuck at work", "My dog died"], k=3, max_new_tokens=8,
+                  sampling=SamplingConfig())
     assert roll.response_ids.shape[0] == 6 and len(roll.prompts) == 6
     assert roll.prompts[:3] == ["I feel stuck at work"] * 3
     ended = (roll.response_mask == 0).any(1)
@@ -68,7 +69,7 @@ def test_rollout_masks_after_eos(tiny_causal):
 
 def _mean_reward(policy, model, rewards, prompts, n=4):
     torch.manual_seed(123)
-    roll = sample(policy, model, prompts * n, k=2, max_new_tokens=6)
+    roll = sample(policy, model, prompts * n, k=2, max_new_tokens=6, sampling=SamplingConfig())
     return sum(rewards.score("tok", roll.prompts, roll.texts)) / len(roll.texts)
 
 
@@ -178,7 +179,7 @@ def test_response_logprobs_and_their_gradients_with_and_without_checkpointing(ti
     import dataclasses
 
     from emorl_ray.training.loop import build_trainable
-    from emorl_ray.training.scst import token_logprobs
+    from emorl_ray.training.scst import response_logits, token_logprobs
 
     grads = []
     for checkpointing in (False, True):
@@ -195,7 +196,7 @@ def test_response_logprobs_and_their_gradients_with_and_without_checkpointing(ti
         enc = policy.encode(["I feel stuck at work and nobody listens", "My dog"])  # left padding
         ids = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(2))
         mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-        logp = token_logprobs(policy, model, enc, ids, mask)
+        logp = token_logprobs(response_logits(policy, model, enc, ids, mask), ids, mask)
         full = torch.cat([enc["input_ids"], ids], 1)
         attn = torch.cat([enc["attention_mask"], mask], 1)
         with torch.no_grad():
@@ -208,3 +209,79 @@ def test_response_logprobs_and_their_gradients_with_and_without_checkpointing(ti
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def _perturbed_lora_policy(tiny_causal, dropout: float):
+    """A tiny policy whose LoRA adapter does something (B starts at 0) and has dropout."""
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
+    torch.manual_seed(0)
+    policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=4, alpha=8, dropout=dropout), "causal"))
+    for n, p in policy.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(1))
+    return policy
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)],
+                         ids=["plain", "warped"])
+def test_loss_logprobs_are_the_samplers_own(tiny_causal, sampling):
+    """On-policy: the loss scores each sampled token under the distribution it was drawn from, in
+    the same (eval) mode, although the adapter has dropout and the model is in train mode."""
+    from emorl_ray.training.scst import response_logits, scoring_mode, token_logprobs
+
+    policy = _perturbed_lora_policy(tiny_causal, dropout=0.5)
+    model = policy.model.train()
+    torch.manual_seed(3)
+    roll = sample(policy, model, ["I feel stuck at work", "My dog died"], k=3, max_new_tokens=8,
+                  sampling=sampling, return_logprobs=True)
+    assert model.training  # sample() restores the mode
+    with torch.no_grad(), scoring_mode(model, dropout=False):
+        logp = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask),
+                              roll.response_ids, roll.response_mask, sampling)
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
+    torch.testing.assert_close(logp, roll.logprobs, atol=1e-4, rtol=1e-4)
+    if sampling.top_k:  # truncation matters: the plain softmax gives other (lower) log-probs
+        with torch.no_grad(), scoring_mode(model, dropout=False):
+            plain = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask),
+                                   roll.response_ids, roll.response_mask)
+        assert (plain < roll.logprobs - 1e-3).any()
+    # The authors' train-mode forward (dropout on) scores something else.
+    with torch.no_grad(), scoring_mode(model, dropout=True):
+        noisy = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask),
+                               roll.response_ids, roll.response_mask, sampling)
+    assert not torch.allclose(noisy, roll.logprobs, atol=1e-3)
+
+
+def test_kl_gradient_is_nonzero_and_matches_finite_differences(tiny_causal):
+    """The KL penalty to the adapter-free base carries a gradient (the authors' had none), and it is
+    the gradient of the value the step adds to the loss (deterministic: no dropout in the forwards)."""
+    from emorl_ray.training.scst import kl_to_base, response_logits, scoring_mode
+
+    policy = _perturbed_lora_policy(tiny_causal, dropout=0.3)
+    model = policy.model.train()
+    torch.manual_seed(4)
+    roll = sample(policy, model, ["I feel stuck at work", "My dog died"], k=2, max_new_tokens=6,
+                  sampling=SamplingConfig())
+    param = next(p for n, p in model.named_parameters() if "lora_A" in n)
+
+    def kl() -> torch.Tensor:
+        with scoring_mode(model, dropout=False):
+            logits = response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask)
+            return kl_to_base(policy, model, roll.enc, roll.response_ids, roll.response_mask, logits, 0.8)
+
+    value = kl()
+    assert value.item() > 0
+    (grad,) = torch.autograd.grad(value, param)
+    assert grad.abs().max() > 0
+    # Central differences along a fixed random direction, in float64 to keep rounding out of it.
+    model.double()
+    direction = torch.randn(param.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    eps = 1e-4
+    with torch.no_grad():
+        param.add_(eps * direction)
+        up = kl().item()
+        param.sub_(2 * eps * direction)
+        down = kl().item()
+        param.add_(eps * direction)
+    fd = (up - down) / (2 * eps)
+    assert fd == pytest.approx((grad.double() * direction).sum().item(), rel=2e-2, abs=1e-7)

@@ -48,11 +48,15 @@ class EnsembleEvaluator:
         self._lock = threading.Lock()
         self._full = (None, None)  # (path, Policy) of the fully fine-tuned model loaded last
 
+    def _all_adapters(self, weights: dict) -> dict:
+        """Adapters left out of `weights` take no part (weight 0); unknown names stay, to be refused."""
+        unknown = set(weights) - set(self.ensemble.names)
+        return {n: weights.get(n, 0.0) for n in self.ensemble.names} | {n: weights[n] for n in unknown}
+
     def _generate(self, prompts, weights, max_new_tokens, aggregation, sampling):
         with self._lock:
-            if weights is not None:  # adapters left out of `weights` take no part
-                unknown = set(weights) - set(self.ensemble.names)
-                weights = {n: weights.get(n, 0.0) for n in self.ensemble.names} | {n: weights[n] for n in unknown}
+            if weights is not None:
+                weights = self._all_adapters(weights)
             kw = {"greedy": True} if sampling is None else {
                 "greedy": False, **{k: sampling[k] for k in ("temperature", "top_k", "top_p", "seed")}}
             return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size,
@@ -85,14 +89,23 @@ class EnsembleEvaluator:
             raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
         prompts = self.prompts[split] * (1 if sampling is None else sampling["samples_per_prompt"])
         max_new_tokens = max_new_tokens or self.cfg.search.max_new_tokens
-        if model_path is not None:
+        origin = weights is not None and not any(w > 0 for w in weights.values())
+        if origin:
+            # The corner w = 0 of the authors' cube: h = 0, every logit 0, so their decode emitted
+            # token 0 (pad) at every step: an empty response, scored low but finite like any other
+            # (spec §5.1). Scoring it -inf would bar every sub-box holding the origin.
+            texts = [""] * len(prompts)
+        elif model_path is not None:
             texts = await asyncio.to_thread(self._generate_full, prompts, model_path, max_new_tokens, sampling)
         else:
             texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens,
                                             aggregation or self.cfg.search.aggregation, sampling)
         scores = await self.rewards.ascore_all(prompts, texts)
         means = {o: sum(v) / len(v) for o, v in scores.items()}
-        out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts)}
+        out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts),
+               "weights_used": None if weights is None or model_path is not None else
+               dict.fromkeys(self.ensemble.names, 0.0) if origin else
+               self.ensemble.weights_used(self._all_adapters(weights), aggregation or self.cfg.search.aggregation)}
         if return_samples:
             out.update(prompts=prompts, responses=texts, scores=scores)
         return out

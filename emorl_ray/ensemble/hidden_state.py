@@ -2,12 +2,16 @@
 
 Hidden-state aggregation is EMORL's method; logit and parameter aggregation are the comparisons,
 selected by `aggregation` so that search and evaluation treat all three alike:
-- "hidden_state": h = sum_i w_i h_i, then the shared LM head (below);
+- "hidden_state": h = sum_i w_i h_i with w normalised to sum 1, then the shared LM head (below);
 - "logit": every adapter's next-token distribution on the SAME shared prefix, mixed as
   p = sum_i (w_i / sum w) p_i (a proper ensemble; the authors mixed independently sampled paths);
 - "parameter": one merged adapter with delta W = sum_i w_i B_i A_i exactly (peft's "cat"
   combination, not averaged A and B factors), then plain decoding. Unlike the other two, it is
-  not invariant to scaling w.
+  not invariant to scaling w, so its weights are used as given.
+
+One weight convention: hidden-state and logit aggregation decode with w / sum(w). The logits are
+linear in h, so unnormalised weights would scale them: w = (1, 1, 1) would sample at an effective
+temperature of 1/3 (greedy decoding is unaffected). `weights_used` says what was applied.
 
 At every decoding step all adapters run on the same prefix in ONE batched forward: the batch is
 repeated once per adapter (adapter-major blocks) and every LoRA layer applies all K adapters to
@@ -27,6 +31,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from emorl_ray.decoding.sampling import choose_token, device_generator
 from emorl_ray.models import Policy
 
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
@@ -143,22 +148,6 @@ class _StackedLoRA:
         self._stack.close()
 
 
-def choose_token(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    if greedy:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 def check_weights(weights: Mapping[str, float] | Sequence[float], names: list[str]) -> list[float]:
     """Weights by adapter name (or in adapter order) -> a list; WeightError says what is wrong."""
     if isinstance(weights, Mapping):
@@ -187,6 +176,13 @@ def check_weights(weights: Mapping[str, float] | Sequence[float], names: list[st
     return w
 
 
+def weights_used(w: Sequence[float], names: list[str], aggregation: str) -> dict[str, float]:
+    if aggregation == "parameter":
+        return dict(zip(names, (float(x) for x in w)))
+    total = float(sum(w))
+    return {n: float(x) / total for n, x in zip(names, w)}
+
+
 class AdapterEnsemble:
     def __init__(self, policy: Policy, adapters: Mapping[str, str]):
         from peft import PeftModel
@@ -208,6 +204,12 @@ class AdapterEnsemble:
     def check_weights(self, weights: Mapping[str, float] | Sequence[float]) -> list[float]:
         return check_weights(weights, self.names)
 
+    def weights_used(self, weights: Mapping[str, float] | Sequence[float],
+                     aggregation: str = "hidden_state") -> dict[str, float]:
+        """The weights a decode applies: w / sum(w), except for parameter aggregation, whose
+        merged delta W = sum_i w_i B_i A_i depends on the scale of w."""
+        return weights_used(self.check_weights(weights), self.names, aggregation)
+
     def _routing(self, names: list[str]):
         """How K adapters share one batched forward: stacked LoRA products, or peft's mixed-adapter
         batches for what the stack does not cover (LoRA variants, embedding adapters). Kept per set
@@ -220,43 +222,73 @@ class AdapterEnsemble:
         return routing
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], weights: Mapping[str, float] | Sequence[float] | None,
-                 max_new_tokens: int, batch_size: int = 16, greedy: bool = True, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 aggregation: str = "hidden_state") -> list[str]:
-        """`weights=None` generates with the base model (all adapters off), through the same loop."""
+    def generate(self, prompts: list[str], weights, max_new_tokens: int, batch_size: int = 16,
+                 greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, aggregation: str = "hidden_state") -> list[str]:
+        """`weights`: one vector (by adapter name, or in adapter order) for every prompt, a list of
+        one vector per prompt (rows with different weights decode in the same batched forward), or
+        None for the base model (all adapters off), through the same loop."""
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if weights is None:
-            active = [(BASE, 1.0)]
-        else:
-            # An adapter with weight 0 adds exactly nothing (to h, p or delta W): skip it.
-            active = [(n, w) for n, w in zip(self.names, self.check_weights(weights)) if w > 0]
-        merged = aggregation == "parameter" and weights is not None
-        if merged:
-            self.model.add_weighted_adapter([n for n, _ in active], [w for _, w in active], MERGED,
-                                            combination_type="cat")
-            active = [(MERGED, 1.0)]
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        names = [name for name, _ in active]
+            return self._generate(prompts, [BASE], None, max_new_tokens, batch_size, greedy, temperature,
+                                  top_k, top_p, seed, False)
+        rows = self.row_weights(weights, len(prompts))
+        if aggregation == "parameter":
+            # One merged adapter per distinct weight vector: delta W depends on all of w, per row.
+            texts: list = [None] * len(prompts)
+            groups: dict[tuple, list[int]] = {}
+            for i, w in enumerate(rows):
+                groups.setdefault(tuple(w), []).append(i)
+            for w, idx in groups.items():
+                active = [(n, x) for n, x in zip(self.names, w) if x > 0]
+                self.model.add_weighted_adapter([n for n, _ in active], [x for _, x in active], MERGED,
+                                                combination_type="cat")
+                try:
+                    out = self._generate([prompts[i] for i in idx], [MERGED], None, max_new_tokens, batch_size,
+                                         greedy, temperature, top_k, top_p, seed, False)
+                finally:
+                    self.model.delete_adapter(MERGED)
+                for i, t in zip(idx, out):
+                    texts[i] = t
+            return texts
+        # An adapter with weight 0 in every row adds exactly nothing (to h or p): skip it.
+        keep = [k for k, _ in enumerate(self.names) if any(w[k] > 0 for w in rows)]
+        w = torch.tensor([[r[k] for k in keep] for r in rows], dtype=torch.float32)
+        w = w / w.sum(1, keepdim=True)  # the weight convention (module docstring)
+        return self._generate(prompts, [self.names[k] for k in keep], w, max_new_tokens, batch_size, greedy,
+                              temperature, top_k, top_p, seed, aggregation == "logit")
+
+    def row_weights(self, weights, n: int) -> list[list[float]]:
+        """One checked weight vector per prompt, from one vector or a list of n of them."""
+        per_row = (isinstance(weights, (list, tuple)) and len(weights) > 0
+                   and isinstance(weights[0], (Mapping, list, tuple)))
+        if not per_row:
+            return [self.check_weights(weights)] * n
+        if len(weights) != n:
+            raise WeightError(f"got {len(weights)} weight vectors for {n} prompts; give one per prompt")
+        return [self.check_weights(w) for w in weights]
+
+    def _generate(self, prompts, names, w, max_new_tokens, batch_size, greedy, temperature, top_k, top_p, seed,
+                  mix_logits) -> list[str]:
+        """`w`: (len(prompts), len(names)) normalised weights, or None for one adapter (base or merged)."""
+        gen = device_generator(seed, self.policy.device)
         routing = "base" if names == [BASE] else self._routing(names)
         texts = []
-        try:
-            for i in range(0, len(prompts), batch_size):
-                ids = self._generate_ids(prompts[i:i + batch_size], active, max_new_tokens, greedy,
-                                         temperature, top_k, top_p, gen, routing, mix_logits=aggregation == "logit")
-                texts.extend(self.policy.decode(ids))
-        finally:
-            if merged:
-                self.model.delete_adapter(MERGED)
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            wi = torch.ones(len(chunk), 1) if w is None else w[i:i + batch_size]
+            ids = self._generate_ids(chunk, names, wi, max_new_tokens, greedy, temperature, top_k, top_p, gen,
+                                     routing, mix_logits)
+            texts.extend(self.policy.decode(ids))
         return texts
 
-    def _generate_ids(self, prompts, active, max_new_tokens, greedy, temperature, top_k, top_p, gen, routing,
+    def _generate_ids(self, prompts, names, w_rows, max_new_tokens, greedy, temperature, top_k, top_p, gen, routing,
                       mix_logits=False):
         policy, model = self.policy, self.model
-        K, B = len(active), len(prompts)
+        K, B = len(names), len(prompts)
         dev = policy.device
-        w = torch.tensor([wi for _, wi in active], device=dev).view(K, 1, 1)
+        w = w_rows.t().to(dev).reshape(K, B, 1)  # adapter-major, like the repeated batch
         enc = policy.encode(prompts)
         attn = enc["attention_mask"].repeat(K, 1)
         head = model.get_output_embeddings()
@@ -266,7 +298,7 @@ class AdapterEnsemble:
         if routing == "base":
             routing = model.disable_adapter()
         elif routing == "mixed":
-            routing, kw = contextlib.nullcontext(), {"adapter_names": [n for n, _ in active for _ in range(B)]}
+            routing, kw = contextlib.nullcontext(), {"adapter_names": [n for n in names for _ in range(B)]}
         with _LMHeadInput(model) as cap, routing:
             if policy.is_seq2seq:
                 start = torch.full((K * B, 1), model.config.decoder_start_token_id, device=dev)
@@ -283,7 +315,7 @@ class AdapterEnsemble:
                 if mix_logits:   # p = sum_i w_i p_i on the shared prefix, as log-probs for choose_token
                     logp = _linear(rows_h, head.weight, head.bias).float()
                     logp = (logp / temperature).log_softmax(-1).view(K, B, -1)
-                    logits = torch.logsumexp(logp + (w / w.sum()).log().to(logp.dtype), dim=0)
+                    logits = torch.logsumexp(logp + w.log().to(logp.dtype), dim=0)
                     step_temperature = 1.0
                 else:            # h = sum_i w_i h_i, one projection
                     h = (w * rows_h.view(K, B, -1).to(w.dtype)).sum(0)

@@ -5,10 +5,11 @@ POST <route_prefix>/generate with JSON
      "weights": {"<objective>": w, ...} | [w, ...],      required, finite, >= 0, not all zero
      "max_new_tokens": int, "greedy": bool, "temperature": float, "top_k": int, "top_p": float,
      "seed": int}
-answers {"responses": [...], "weights": {...normalised...}, "aggregation": "..."}.
+answers {"responses": [...], "weights": {...as decoded...}, "aggregation": "..."}: the weights
+the decode applied, w / sum(w) (parameter aggregation: w as given).
 Malformed JSON is a 400; every invalid field a 422 naming it; too many or too long prompts a 413.
-Concurrent requests are batched by `@serve.batch`; requests with the same weights and settings
-share one decode.
+Concurrent requests are batched by `@serve.batch`; requests with the same generation settings
+share one decode, whatever their weights (each row decodes with its own request's weights).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type.
@@ -105,15 +106,18 @@ class EnsembleHTTP:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[tuple]) -> list[list[str]]:
-        # Requests with the same weights and settings share one decode.
+        # Requests with the same generation settings share one decode, each prompt with its own
+        # request's weights (per-row weights in one batched forward). The seed stays per request.
         groups: dict[tuple, list[int]] = {}
-        for i, (_, w, s) in enumerate(requests):
-            groups.setdefault((tuple(w), tuple(sorted(s.items()))), []).append(i)
+        for i, (_, _, s) in enumerate(requests):
+            key = {**s, "seed": None} if s["greedy"] else s  # greedy decoding ignores the seed
+            groups.setdefault(tuple(sorted(key.items())), []).append(i)
         out: list = [None] * len(requests)
         for idx in groups.values():
-            w, s = requests[idx[0]][1], requests[idx[0]][2]
+            s = requests[idx[0]][2]
             prompts = [p for i in idx for p in requests[i][0]]
-            texts = await asyncio.to_thread(self._decode, prompts, w, s)
+            rows = [requests[i][1] for i in idx for _ in requests[i][0]]
+            texts = await asyncio.to_thread(self._decode, prompts, rows, s)
             pos = 0
             for i in idx:
                 n = len(requests[i][0])
@@ -131,8 +135,7 @@ class EnsembleHTTP:
         except BadRequest as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         texts = await self._batched((prompts, w, settings))
-        total = sum(w)
-        return {"responses": texts, "weights": {n: x / total for n, x in zip(self.ensemble.names, w)},
+        return {"responses": texts, "weights": self.ensemble.weights_used(w, self.cfg.search.aggregation),
                 "aggregation": self.cfg.search.aggregation}
 
     @api.get("/healthz")

@@ -17,6 +17,7 @@ from ray import serve, tune
 
 from emorl_ray.config import ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
+from emorl_ray.ensemble.hidden_state import weights_used
 from emorl_ray.io import atomic_write_json, write_parquet
 from emorl_ray.metrics import record_trial
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher
@@ -29,10 +30,6 @@ METRIC = "score"
 def evaluate_weights(config: dict) -> None:
     """Tune function trainable: one weight vector, one validation decode, one score."""
     weights = config["weights"]
-    if sum(weights.values()) <= 0:
-        # The all-zero point (a corner of the authors' cube) decodes nothing meaningful.
-        tune.report({METRIC: float("nan"), "degenerate": True})
-        return
     handle = serve.get_app_handle(config["app"])
     res = handle.evaluate.remote(weights, "val", config["max_new_tokens"], aggregation=config["aggregation"]).result()
     record_trial(config["aggregation"], res["mean"])
@@ -110,11 +107,15 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
         raise RuntimeError("the search finished without a single successful trial; see the Tune logs in "
                            f"{exp_path}")
     best = max(scored, key=lambda p: p["score"])
-    total = sum(best[f"w/{o}"] for o in objectives)
+    for p in points:  # what the decoder applied at each point (the weight convention of ensemble/)
+        if sum(p[f"w/{o}"] for o in objectives) > 0:
+            used = weights_used([p[f"w/{o}"] for o in objectives], objectives, aggregation)
+            p.update({f"used/{o}": used[o] for o in objectives})
     result = {"aggregation": aggregation, "parameterization": se.parameterization, "levels": se.levels, "trials": len(points),
               "failed_trials": len(points) - len(scored), "best_score": best["score"],
               "best_weights": {o: best[f"w/{o}"] for o in objectives},
-              "best_weights_normalized": {o: best[f"w/{o}"] / total for o in objectives},
+              "best_weights_used": {o: best[f"used/{o}"] for o in objectives},
+              "weights_scale_invariant": aggregation != "parameter",
               "best_per_objective": {o: best[f"score/{o}"] for o in objectives}}
     state = searcher_state(exp_path)
     result["path"] = state.get("path", [])

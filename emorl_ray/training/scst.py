@@ -1,19 +1,22 @@
 """k-sample self-critical REINFORCE (k-SCST), the RL step of EMORL stage 1 (spec §4.2).
 
 One optimizer step, top to bottom:
-  1. sample k responses per prompt (eval mode: no dropout; the authors sampled with dropout on);
+  1. sample k responses per prompt (eval mode: no dropout; the authors sampled with dropout on)
+     from the warped distribution of `decoding.sampling` (temperature, top-k, top-p);
   2. score each response with the objective's scorer(s) and transform: r = sum_i w_i * f(s_i),
      f = log(clip(s, 1e-4, 0.9999)) or identity;
   3. advantage A = r - baseline, baseline = mean of the k rewards of the same prompt (authors) or
      the mean of the other k-1 (leave-one-out, RLOO: unbiased);
   4. loss = -A * log pi(y | x) on the exact sampled token ids (EOS included, pads masked), summed
-     per sequence (authors) or averaged over tokens; plus an optional KL penalty to the frozen
-     base model (the adapter switched off), with gradient;
+     per sequence (authors) or averaged over tokens, where pi is the distribution the tokens were
+     sampled from (same warping, same eval mode: on-policy); plus an optional KL penalty to the
+     frozen base model (the adapter switched off), with gradient;
   5. clip the gradient norm, AdamW step.
 
-`faithful=True` reproduces the authors' step where it differs (spec §10.1-4): dropout on while
-sampling, no KL, and the loss on the re-tokenised text + " [CLS]" (EOS never trained) with the
-prompt re-encoded to 512 tokens instead of the generation limit.
+`faithful=True` reproduces the authors' step where it differs (spec §10.1-5): dropout on while
+sampling and in the loss, no KL, the loss under the full softmax at temperature 1 whatever was
+sampled, and on the re-tokenised text + " [CLS]" (EOS never trained) with the prompt re-encoded
+to 512 tokens instead of the generation limit.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from emorl_ray.config import TrainingConfig
+from emorl_ray.config import SamplingConfig, TrainingConfig
+from emorl_ray.decoding.sampling import SamplingWarper, warp_logits
 from emorl_ray.models import Policy
 
 SCORE_FLOOR, SCORE_CEIL = 1e-4, 0.9999
@@ -37,6 +41,7 @@ class Rollout:
     response_ids: torch.Tensor    # (B*k, T) sampled ids, padded after EOS
     response_mask: torch.Tensor   # (B*k, T) 1 up to and including the first EOS
     texts: list[str]
+    logprobs: torch.Tensor | None = None  # (B*k, T) the sampler's own log-probs, if asked for
 
 
 def response_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -47,23 +52,33 @@ def response_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, dropout: bool = False) -> Rollout:
+def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: int, sampling: SamplingConfig,
+           dropout: bool = False, return_logprobs: bool = False) -> Rollout:
+    """k responses per prompt drawn from `warp_logits(logits, sampling)`. Hugging Face's own
+    warpers are switched off (temperature 1, top-k 0, top-p 1, whatever the model's generation
+    config says), so the rollout distribution is exactly the one `token_logprobs` scores."""
     enc = policy.encode(prompts)
     was_training = model.training
     model.train(dropout)
     try:
         out = model.generate(**enc, do_sample=True, num_return_sequences=k, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p,
-                             pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id)
+                             temperature=1.0, top_k=0, top_p=1.0,
+                             logits_processor=[SamplingWarper(sampling.temperature, sampling.top_k, sampling.top_p)],
+                             pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id,
+                             return_dict_in_generate=True, output_scores=return_logprobs)
     finally:
         model.train(was_training)
     # Causal LMs return prompt + response; seq2seq models return decoder-start + response.
-    ids = out[:, enc["input_ids"].shape[1]:] if not policy.is_seq2seq else out[:, 1:]
+    seqs = out.sequences
+    ids = seqs[:, enc["input_ids"].shape[1]:] if not policy.is_seq2seq else seqs[:, 1:]
     mask = response_mask(ids, policy.eos_token_id)
     ids = ids.masked_fill(mask == 0, policy.pad_token_id)
+    logprobs = None
+    if return_logprobs:  # the processed scores of every step are the warped logits
+        steps = torch.stack(out.scores, 1).float().log_softmax(-1)
+        logprobs = steps.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
     rep = {key: v.repeat_interleave(k, dim=0) for key, v in enc.items()}
-    return Rollout([p for p in prompts for _ in range(k)], rep, ids, mask, policy.decode(ids))
+    return Rollout([p for p in prompts for _ in range(k)], rep, ids, mask, policy.decode(ids), logprobs)
 
 
 CLS = "[CLS]"
@@ -86,8 +101,8 @@ def authors_targets(policy: Policy, texts: list[str], device) -> tuple[torch.Ten
     return ids.to(device), enc["attention_mask"].to(device)
 
 
-def token_logprobs(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) for every response token, (N, T); zero where masked."""
+def response_logits(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The logits that predict each response token, (N, T, V), by teacher forcing."""
     if policy.is_seq2seq:
         start = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
@@ -103,8 +118,18 @@ def token_logprobs(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: to
         T = ids.shape[1]
         logits = model(input_ids=full, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
         logits = logits[:, :-1]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return logp * mask
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                   sampling: SamplingConfig | None = None) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for every response token, (N, T), zero where masked, under the
+    sampling distribution `warp_logits(logits, sampling)` (None: the plain softmax)."""
+    logits = logits.float()
+    if sampling is not None:
+        logits = warp_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(mask == 0, 0.0)
 
 
 def transform(scores: torch.Tensor, kind: str) -> torch.Tensor:
@@ -135,6 +160,24 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -
     return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1)
 
 
+@contextlib.contextmanager
+def scoring_mode(model, dropout: bool):
+    """The mode of the loss forwards. With `dropout` (the authors'): train mode. Otherwise the mode
+    the rollouts were sampled in, eval, so that the scored distribution is the sampled one, except
+    that layers doing gradient checkpointing keep their own `training` flag on (Hugging Face only
+    checkpoints in train mode; the flag turns no dropout on: that lives in the layers' children)."""
+    was_training = model.training
+    model.train(dropout)
+    if not dropout:
+        for m in model.modules():
+            if getattr(m, "gradient_checkpointing", False) is True:
+                m.training = True
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -149,8 +192,7 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     s = cfg.sampling
     amp = autocast(policy.device, cfg.precision)
     with amp:
-        roll = sample(policy, gen_model, prompts, cfg.k, cfg.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                      dropout=faithful)
+        roll = sample(policy, gen_model, prompts, cfg.k, cfg.max_new_tokens, s, dropout=faithful)
     enc, ids, mask, texts = roll.enc, roll.response_ids, roll.response_mask, roll.texts
     if faithful:
         texts = [authors_postprocess(t) for t in texts]
@@ -160,18 +202,19 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     r = sum(w * transform(torch.tensor(scores[o]), cfg.reward_transform) for o, w in reward_weights.items())
     adv = advantages(r, cfg.k, cfg.baseline).to(ids.device)
 
-    model.train()
-    with amp:
-        logp = token_logprobs(policy, model, enc, ids, mask)
-    loss = policy_loss(logp, mask, adv, cfg.loss_reduction)
-    kl = float("nan")
-    # The authors' KL term carried no gradient and was multiplied by zero-mean advantages: a no-op.
-    if cfg.kl_coef > 0 and not faithful:
-        with torch.no_grad(), _adapter_disabled(gen_model), amp:
-            ref = token_logprobs(policy, gen_model, enc, ids, mask)
-        kl_t = kl_penalty(logp, ref, mask)
-        loss = loss + cfg.kl_coef * kl_t
-        kl = kl_t.item()
+    with scoring_mode(model, dropout=faithful):
+        with amp:
+            logits = response_logits(policy, model, enc, ids, mask)
+        # The authors scored the full softmax at temperature 1 whatever was sampled (spec §10.5).
+        logp = token_logprobs(logits, ids, mask, None if faithful else s)
+        loss = policy_loss(logp, mask, adv, cfg.loss_reduction)
+        kl = float("nan")
+        # The authors' KL term carried no gradient and was multiplied by zero-mean advantages: a no-op.
+        if cfg.kl_coef > 0 and not faithful:
+            kl_t = kl_to_base(policy, gen_model, enc, ids, mask, logits, s.temperature, amp)
+            loss = loss + cfg.kl_coef * kl_t
+            kl = kl_t.item()
+        del logits
     optimizer.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if scaler is not None:
@@ -191,6 +234,17 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     for o in reward_weights:
         stats[f"score/{o}"] = float(sum(scores[o]) / len(scores[o]))
     return stats
+
+
+def kl_to_base(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+               temperature: float, amp=contextlib.nullcontext()) -> torch.Tensor:
+    """Per-token k3 KL from the policy to the adapter-free base, both at the sampling temperature
+    and untruncated (top-k/top-p would leave the base -inf on tokens the policy sampled). Gradient
+    through the policy's `logits` only; the base forward runs in the caller's mode (eval: no dropout)."""
+    warm = SamplingConfig(temperature=temperature)
+    with torch.no_grad(), _adapter_disabled(model), amp:
+        ref = token_logprobs(response_logits(policy, model, enc, ids, mask), ids, mask, warm)
+    return kl_penalty(token_logprobs(logits, ids, mask, warm), ref, mask)
 
 
 @contextlib.contextmanager
