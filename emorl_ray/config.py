@@ -96,8 +96,8 @@ class ScorerConfig:
     # python: "package.module:function" taking (prompts, responses) -> list[float] in [0, 1].
     function: Optional[str] = None
     # Multiply the score by the share of the response's word bigrams that are distinct (1 for text
-    # that never repeats itself, near 0 for "you feel sad you feel sad ..."). Keyword counts and
-    # perplexity both reward such loops; RL finds them within a few steps.
+    # that never repeats itself), and score a loop (a repeated word 3-gram: "you feel sad, you feel
+    # sad") 0. Keyword counts and perplexity both reward loops; RL finds them within a few steps.
     penalize_repetition: bool = False
     batch_size: int = 16
     num_replicas: int = 1

@@ -14,6 +14,7 @@ from ray import serve
 from emorl_ray.config import EVAL_METHODS, ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
 from emorl_ray.io import atomic_write_json, write_parquet
+from emorl_ray.rewards.repetition import loops
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ def distinct_2_authors(texts: list[str]) -> float:
         w = t.split()
         vals.append(len({tuple(w[i:i + 2]) for i in range(len(w) - 1)}) / len(w) if w else 0.0)
     return sum(vals) / len(vals) if vals else 0.0
+
+
+def loop_rate(texts: list[str]) -> float:
+    return sum(loops(t) for t in texts) / len(texts) if texts else 0.0
 
 
 def edit_rate(prompt: str, response: str) -> float:
@@ -110,6 +115,7 @@ def result_row(name: str, method: dict, res: dict, objectives: list[str], cost: 
     row["average"] = sum(row[o] for o in objectives) / len(objectives)
     row["distinct_2"] = distinct_2(res["responses"])
     row["distinct_2_authors"] = distinct_2_authors(res["responses"])
+    row["loop_rate"] = loop_rate(res["responses"])
     row["edit_rate"] = sum(edit_rate(p, r) for p, r in zip(res["prompts"], res["responses"])) / res["n"]
     runs = [cost[r] for r in method["runs"]]
     row["train_data_points"] = sum(r["data_points"] for r in runs)

@@ -124,6 +124,19 @@ def load_model(path: str, cfg: ModelConfig, kind: str, device: str | torch.devic
     return model.to(device)
 
 
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, is_seq2seq: bool = False) -> bool:
+    return cfg.use_chat_template and not is_seq2seq and bool(tokenizer.chat_template)
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, prompt: str, is_seq2seq: bool = False) -> str:
+    """The text the policy reads for a prompt: a user turn after the system turn of a chat
+    template, or `prompt_template`."""
+    if uses_chat_template(tokenizer, cfg, is_seq2seq):
+        messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return cfg.prompt_template.format(prompt=prompt)
+
+
 class Policy:
     """Base model + tokenizer + prompt formatting: everything a stage needs to talk to the model."""
 
@@ -140,17 +153,12 @@ class Policy:
         return self.kind == "seq2seq"
 
     def format(self, prompt: str) -> str:
-        tok = self.tokenizer
-        if self.cfg.use_chat_template and not self.is_seq2seq and tok.chat_template:
-            messages = [{"role": "system", "content": self.cfg.system_prompt},
-                        {"role": "user", "content": prompt}]
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.cfg.prompt_template.format(prompt=prompt)
+        return format_prompt(self.tokenizer, self.cfg, prompt, self.is_seq2seq)
 
     def encode(self, prompts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         texts = [self.format(p) for p in prompts]
         # Chat templates already carry the BOS token; do not add a second one.
-        add_special = not (self.cfg.use_chat_template and not self.is_seq2seq and self.tokenizer.chat_template)
+        add_special = not uses_chat_template(self.tokenizer, self.cfg, self.is_seq2seq)
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                              max_length=max_length or self.cfg.max_prompt_tokens, add_special_tokens=add_special)
         return {k: v.to(self.device) for k, v in enc.items()}

@@ -27,11 +27,11 @@ def _weights_text(weights: dict | None) -> str:
 
 
 def results_table(methods: list[dict], objectives: list[str]) -> tuple[list[str], list[list]]:
-    header = (["method", "weights used"] + objectives + ["average", "Diversity-2", "Diversity-2 (authors')", "edit rate",
-                                         "train data points", "train s"])
-    rows = [[r["method"], _weights_text(r.get("weights"))] + [f"{r[o]:.4f} ± {r[o + '_ci95']:.4f}" for o in objectives] +
-            [r["average"], r["distinct_2"], r["distinct_2_authors"], r["edit_rate"], r["train_data_points"],
-             r["train_seconds"]] for r in methods]
+    header = (["method", "weights used"] + objectives + ["average", "Diversity-2", "Diversity-2 (authors')",
+                                                         "loops", "edit rate", "train data points", "train s"])
+    rows = [[r["method"], _weights_text(r["weights"])] + [f"{r[o]:.4f} ± {r[o + '_ci95']:.4f}" for o in objectives] +
+            [r["average"], r["distinct_2"], r["distinct_2_authors"], r["loop_rate"], r["edit_rate"],
+             r["train_data_points"], r["train_seconds"]] for r in methods]
     return header, rows
 
 
@@ -88,7 +88,7 @@ def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict],
     b.append(("p", "Mean score per objective ± the half-width of a 95% confidence interval over prompts "
                    "(sampled generations are first averaged per prompt). Diversity-2 = distinct bigrams / "
                    "bigrams over all generations; the authors' variant = distinct bigrams / words per "
-                   "generation, averaged. Edit rate = word-level edit distance to the prompt / length "
+                   "generation, averaged. Loops = share of generations that repeat a word 3-gram. Edit rate = word-level edit distance to the prompt / length "
                    "(0 = a copy of the prompt). Training cost counts the runs a method needed: a searched ensemble "
                    "all of its objectives' runs (the search needed each adapter), a single adapter or "
                    "a baseline its own. "

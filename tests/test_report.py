@@ -107,7 +107,8 @@ def _fake_run(tmp_path, tiny_causal):
 
     def row(name, v):
         return {"method": name, **{o: v for o in obj}, **{f"{o}_ci95": 0.01 for o in obj}, "average": v,
-                "distinct_2": 0.5, "distinct_2_authors": 0.4, "edit_rate": 0.9, "train_data_points": 8,
+                "weights": {"a": 1.0}, "distinct_2": 0.5, "distinct_2_authors": 0.4, "loop_rate": 0.0,
+                "edit_rate": 0.9, "train_data_points": 8,
                 "train_seconds": 3.0, "n_prompts": 2, "n_generations": 2}
 
     methods = [row("base model", 0.2), row("EMORL (searched weights)", 0.5)]

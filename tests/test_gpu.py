@@ -1,0 +1,50 @@
+"""The GPU paths: the same unit checks on CUDA tensors. Skipped (with the reason) where no CUDA
+device is visible, so the suite passes on CPU-only machines; run `pytest -m gpu` on a GPU node."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
+from emorl_ray.models import Policy, lora_config
+from emorl_ray.rewards import LocalRewards
+from emorl_ray.rewards.toy import vowel_start
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available())")]
+
+PROMPTS = ["I feel stuck at work", "My dog died last week", "Nobody listens to me", "I can't sleep"]
+
+
+@pytest.mark.parametrize("aggregation", ["hidden_state", "logit", "parameter"])
+def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggregation):
+    from test_ensemble import _random_adapters
+
+    from emorl_ray.ensemble.hidden_state import AdapterEnsemble
+
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    ens = AdapterEnsemble(Policy(mc, "cuda"), adapters)
+    cpu = AdapterEnsemble(Policy(mc, "cpu"), adapters)
+    w = {"a": 0.2, "b": 0.5, "c": 0.3}
+    greedy = ens.generate(PROMPTS, w, 8, aggregation=aggregation)
+    assert greedy == cpu.generate(PROMPTS, w, 8, aggregation=aggregation)
+    sampled = [ens.generate(PROMPTS, w, 8, greedy=False, seed=7, top_k=5, top_p=0.9, aggregation=aggregation)
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the seed reproduces on the device's own generator
+    rows = [w, [1, 0, 0], [0, 1, 1], w]
+    assert ens.generate(PROMPTS, rows, 8, aggregation=aggregation) == \
+        [ens.generate([p], r, 8, aggregation=aggregation)[0] for p, r in zip(PROMPTS, rows)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_scst_step_on_cuda(tiny_causal, precision):
+    from emorl_ray.training.scst import scst_step
+
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False), "cuda")
+    policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=4, alpha=8, dropout=0.1), "causal"))
+    cfg = TrainingConfig(k=2, max_new_tokens=6, kl_coef=0.05, precision=precision)
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    stats = scst_step(policy, policy.model, opt, PROMPTS[:2], LocalRewards({"v": vowel_start}), {"v": 1.0}, cfg,
+                      scaler=scaler)
+    assert all(v == v for k, v in stats.items() if k != "kl") and stats["kl"] >= 0
