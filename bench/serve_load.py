@@ -1,6 +1,9 @@
 """Load on the Serve side: the ensemble HTTP endpoint and a scorer deployment, driven from another
 process on 127.0.0.1 by 1, 8 and 32 concurrent clients for a bounded time each. Reports
 requests/s, p50/p99 latency, and errors; every request sent is accounted for (ok + errors).
+The endpoint is driven twice: every client with the same weights, and every request with its own
+random weights (personalised traffic, which the endpoint batches with per-row weights); the
+table's last column is the second's throughput over the first's.
 
     python bench/serve_load.py --tiny                          # tiny random model + toy scorers, ~3 min
     python bench/serve_load.py --run-dir runs/default          # a finished run (the embedded default)
@@ -28,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+HTTP_TARGETS = {"http": "ensemble HTTP, shared weights", "http-own-weights": "ensemble HTTP, own weights"}
 PROMPTS = ["I feel like nobody at work listens to me.", "My sister and I keep fighting about our parents."]
 RESPONSES = ["It sounds like you feel unheard at work.", "You are worried about your family."]
 
@@ -68,12 +72,23 @@ async def drive(send, concurrency: int, duration: float) -> dict:
             "mean_ms": round(1000 * sum(latencies) / max(len(latencies), 1), 1)}
 
 
-async def http_client(url: str, body: dict, concurrency: int, duration: float) -> dict:
+async def http_client(url: str, body: dict, concurrency: int, duration: float, own_weights: bool) -> dict:
+    """`own_weights`: every request draws its own weights (uniform on the simplex, seeded)."""
+    import random
+
     import aiohttp
+
+    rng = random.Random(0)
+
+    def weights():
+        if not own_weights:
+            return body["weights"]
+        w = [rng.expovariate(1.0) for _ in body["weights"]]
+        return [x / sum(w) for x in w]
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def send():
-            async with session.post(url, json=body) as r:
+            async with session.post(url, json={**body, "weights": weights()}) as r:
                 payload = await r.json()
                 if r.status != 200:
                     raise RuntimeError(f"HTTP {r.status}: {payload}")
@@ -99,9 +114,10 @@ async def scorer_client(app: str, concurrency: int, duration: float) -> dict:
 
 def client_main(args) -> int:
     """One load level, in its own process; prints its result as the last line."""
-    if args.target == "http":
+    if args.target in HTTP_TARGETS:
         body = json.loads(args.body)
-        out = asyncio.run(http_client(args.url, body, args.concurrency, args.duration))
+        out = asyncio.run(http_client(args.url, body, args.concurrency, args.duration,
+                                      own_weights=args.target == "http-own-weights"))
     else:
         import ray
 
@@ -197,7 +213,7 @@ def main(argv=None) -> int:
     scorer = app_name(cfg.objective_names[0])
     address = ray.get_runtime_context().gcs_address
     results = []
-    for target in ("http", scorer):
+    for target in (*HTTP_TARGETS, scorer):
         for c in args.concurrency:
             cmd = [sys.executable, __file__, "--client", target, "--concurrency-one", str(c),
                    "--duration", str(args.duration), "--url", url, "--body", json.dumps(body), "--address", address]
@@ -206,7 +222,7 @@ def main(argv=None) -> int:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"client for {target} at concurrency {c} failed (exit {proc.returncode})")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r["target"] = "ensemble HTTP /generate" if target == "http" else f"scorer {target} (handle)"
+            r["target"] = HTTP_TARGETS.get(target, f"scorer {target} (handle)")
             results.append(r)
             print(f"{r['target']:32s} c={c:3d} {r['requests_per_s']:8.2f} req/s  p50 {r['p50_ms']:8.1f} ms  "
                   f"p99 {r['p99_ms']:8.1f} ms  ok {r['ok']}  errors {r['errors']}", flush=True)
@@ -214,6 +230,10 @@ def main(argv=None) -> int:
     tmp.cleanup()
 
     name = "tiny" if args.tiny else args.run_dir.name
+    shared = {r["concurrency"]: r["requests_per_s"] for r in results if r["target"] == HTTP_TARGETS["http"]}
+    for r in results:
+        if r["target"] == HTTP_TARGETS["http-own-weights"] and shared.get(r["concurrency"]):
+            r["vs_shared_weights"] = round(r["requests_per_s"] / shared[r["concurrency"]], 3)
     out = {"command": "python bench/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "model": cfg.model.id, "adapters": list(adapters), "request": {"http": body, "scorer_pairs": 4},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -224,10 +244,11 @@ def main(argv=None) -> int:
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(out, indent=2))
     tmp_path.replace(path)
-    print("\n| target | clients | req/s | p50 ms | p99 ms | sent | ok | errors |\n|---|---|---|---|---|---|---|---|")
+    print("\n| target | clients | req/s | p50 ms | p99 ms | sent | ok | errors | own / shared weights |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['target']} | {r['concurrency']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r['sent']} | {r['ok']} | {r['errors']} |")
+              f"{r['sent']} | {r['ok']} | {r['errors']} | {r.get('vs_shared_weights', '')} |")
     print(f"\nwrote {path}")
     return 0 if all(r["errors"] == 0 and r["ok"] == r["sent"] for r in results) else 1
 

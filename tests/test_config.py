@@ -92,6 +92,10 @@ def test_bad_config_names_the_field(tiny_causal, tmp_path, mutate, path, words):
 def test_overrides_and_yaml_errors(tmp_path):
     cfg = load_config("configs/default.yaml", {"training.max_steps": 3, "name": "x"})
     assert cfg.training.max_steps == 3 and cfg.name == "x"
+    # YAML 1.1 reads `--set training.lr=3e-4` as the string "3e-4": a number is meant.
+    assert load_config("configs/default.yaml", {"training.lr": "3e-4"}).training.lr == 3e-4
+    with pytest.raises(ConfigError, match="training.lr: must be a number, got '3e-4x'"):
+        load_config("configs/default.yaml", {"training.lr": "3e-4x"})
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
