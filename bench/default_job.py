@@ -54,21 +54,16 @@ def main() -> int:
     cmd = [sys.executable, str(ROOT / "jobs" / "train_all.py"), "--config", args.config,
            "--output-dir", args.output_dir, "--name", args.name]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
     log_path = Path(args.output_dir) / f"{args.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        os.set_blocking(proc.stdout.fileno(), False)
+    peak = 0
+    with open(log_path, "w") as log:  # the job writes its log straight to the file: no pipe to drain
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
         while proc.poll() is None:
             peak = max(peak, tree_pss(ps))
-            chunk = proc.stdout.read()
-            if chunk:
-                log.write(chunk)
             time.sleep(1.0)
-        log.write(proc.stdout.read() or "")
     wall = time.time() - t0
     run_dir = Path(args.output_dir) / args.name
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
