@@ -36,6 +36,13 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
         scaled = handle.evaluate.remote({"overlap": 2.0, "brevity": 6.0}, "val", 4).result()
         assert scaled["weights_used"] == {"overlap": 0.25, "brevity": 0.75}
         result = run_search(cfg, cfg.run_dir, ["overlap", "brevity"])
+        # A driver killed while Tune starts leaves tuner.pkl without an experiment state; a rerun
+        # must search again rather than restore trials that have lost their config.
+        exp = cfg.run_dir / "ray" / "search-overlap-brevity"
+        for f in exp.glob("experiment_state-*.json"):
+            f.unlink()
+        again = run_search(cfg, cfg.run_dir, ["overlap", "brevity"])
+        assert again["trials"] == 9 and again["failed_trials"] == 0 and again["best_score"] == result["best_score"]
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 from ray import serve, tune
@@ -74,6 +75,11 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
     # Tune saves the experiment state (what a restore knows is finished) at most every 10 s by
     # default; trials here take seconds, so a killed driver would redo several. Save every second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    if tune.Tuner.can_restore(str(exp_path)) and not list(exp_path.glob("experiment_state-*.json")):
+        # A driver killed while Tune was starting leaves tuner.pkl but no experiment state: Tune's
+        # restore then runs trials without their config. Nothing had finished: start afresh.
+        log.warning("the search in %s was stopped before its first saved state; starting it again", exp_path)
+        shutil.rmtree(exp_path)
     if tune.Tuner.can_restore(str(exp_path)):
         log.info("resuming the search from %s", exp_path)
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=False)
