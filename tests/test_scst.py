@@ -285,3 +285,29 @@ def test_kl_gradient_is_nonzero_and_matches_finite_differences(tiny_causal):
         param.add_(eps * direction)
     fd = (up - down) / (2 * eps)
     assert fd == pytest.approx((grad.double() * direction).sum().item(), rel=2e-2, abs=1e-7)
+
+
+def test_checkpointed_step_is_the_plain_step_with_lora_dropout(tiny_config):
+    """Eval-mode loss forwards and gradient checkpointing together: the backward pass re-runs each
+    layer in the mode it ran in (no dropout), so the update equals the one without checkpointing,
+    even for a model left in train mode with LoRA dropout 0.5."""
+    import dataclasses
+
+    from emorl_ray.training.loop import build_trainable
+
+    after = []
+    for checkpointing in (False, True):
+        t = dataclasses.replace(tiny_config.training, gradient_checkpointing=checkpointing, kl_coef=0.1,
+                                lora=LoraConfig(r=2, alpha=4, dropout=0.5))
+        torch.manual_seed(0)
+        policy, opt = build_trainable(dataclasses.replace(tiny_config, training=t), "cpu")
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(1))
+        policy.model.train()
+        torch.manual_seed(5)
+        scst_step(policy, policy.model, opt, ["I feel stuck at work", "My dog"], LocalRewards({"v": vowel_start}),
+                  {"v": 1.0}, t)
+        after.append({n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad})
+    for n in after[0]:
+        torch.testing.assert_close(after[0][n], after[1][n], atol=1e-5, rtol=1e-4, msg=n)

@@ -202,6 +202,7 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     r = sum(w * transform(torch.tensor(scores[o]), cfg.reward_transform) for o, w in reward_weights.items())
     adv = advantages(r, cfg.k, cfg.baseline).to(ids.device)
 
+    # The backward pass stays inside: gradient checkpointing re-runs the forward in the current mode.
     with scoring_mode(model, dropout=faithful):
         with amp:
             logits = response_logits(policy, model, enc, ids, mask)
@@ -215,18 +216,18 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
             loss = loss + cfg.kl_coef * kl_t
             kl = kl_t.item()
         del logits
-    optimizer.zero_grad(set_to_none=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
 
     stats = {"loss": loss.item(), "reward": float(r.mean()), "kl": kl, "grad_norm": float(grad_norm),
              "response_tokens": float(roll.response_mask.sum(1).float().mean())}
