@@ -114,9 +114,9 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
                            f"{exp_path}")
     best = max(scored, key=lambda p: p["score"])
     for p in points:  # what the decoder applied at each point (the weight convention of ensemble/)
-        if sum(p[f"w/{o}"] for o in objectives) > 0:
-            used = weights_used([p[f"w/{o}"] for o in objectives], objectives, aggregation)
-            p.update({f"used/{o}": used[o] for o in objectives})
+        w = [p[f"w/{o}"] for o in objectives]
+        used = weights_used(w, objectives, aggregation) if sum(w) > 0 else dict.fromkeys(objectives, 0.0)
+        p.update({f"used/{o}": used[o] for o in objectives})
     result = {"aggregation": aggregation, "parameterization": se.parameterization, "levels": se.levels, "trials": len(points),
               "failed_trials": len(points) - len(scored), "best_score": best["score"],
               "best_weights": {o: best[f"w/{o}"] for o in objectives},
