@@ -55,8 +55,6 @@ class EnsembleEvaluator:
 
     def _generate(self, prompts, weights, max_new_tokens, aggregation, sampling):
         with self._lock:
-            if weights is not None:
-                weights = self._all_adapters(weights)
             kw = {"greedy": True} if sampling is None else {
                 "greedy": False, **{k: sampling[k] for k in ("temperature", "top_k", "top_p", "seed")}}
             return self.ensemble.generate(prompts, weights, max_new_tokens, batch_size=self.cfg.search.batch_size,
@@ -89,6 +87,9 @@ class EnsembleEvaluator:
             raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
         prompts = self.prompts[split] * (1 if sampling is None else sampling["samples_per_prompt"])
         max_new_tokens = max_new_tokens or self.cfg.search.max_new_tokens
+        aggregation = aggregation or self.cfg.search.aggregation
+        if weights is not None:
+            weights = self._all_adapters(weights)
         origin = weights is not None and not any(w > 0 for w in weights.values())
         if origin:
             # The corner w = 0 of the authors' cube: h = 0, every logit 0, so their decode emitted
@@ -98,14 +99,13 @@ class EnsembleEvaluator:
         elif model_path is not None:
             texts = await asyncio.to_thread(self._generate_full, prompts, model_path, max_new_tokens, sampling)
         else:
-            texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens,
-                                            aggregation or self.cfg.search.aggregation, sampling)
+            texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens, aggregation, sampling)
         scores = await self.rewards.ascore_all(prompts, texts)
         means = {o: sum(v) / len(v) for o, v in scores.items()}
         out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts),
                "weights_used": None if weights is None or model_path is not None else
                dict.fromkeys(self.ensemble.names, 0.0) if origin else
-               self.ensemble.weights_used(self._all_adapters(weights), aggregation or self.cfg.search.aggregation)}
+               self.ensemble.weights_used(weights, aggregation)}
         if return_samples:
             out.update(prompts=prompts, responses=texts, scores=scores)
         return out
