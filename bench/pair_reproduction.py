@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     scorer_s = time.time() - t0
     scorer_metrics = json.loads((Path(args.scorer) / "scorer_metrics.json").read_text())
 
+    from emorl_ray import storage
     from emorl_ray.config import ConfigError, load_config
     from emorl_ray.pipeline import run
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     summary = run(cfg)
-    metrics = json.loads((cfg.run_dir / "eval" / "metrics.json").read_text())
+    metrics = storage.read_json(cfg.run_dir.eval_metrics)
     objectives = cfg.objective_names
     out = {"command": "python bench/pair_reproduction.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "config": cfg.to_dict(), "scorer": {k: v for k, v in scorer_metrics.items() if k != "history"},

@@ -153,10 +153,12 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     from emorl_ray.config import load_config
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.rewards.serve import deploy_scorers
+    from emorl_ray.rundir import RunDir
     from emorl_ray.search.run import evaluate_weights
     from emorl_ray.training.launch import ensemble_adapters, read_manifest
 
-    cfg = load_config(run_dir / "config.yaml")
+    run_dir = RunDir.at(run_dir)
+    cfg = load_config(run_dir.config)
     adapters = ensemble_adapters(cfg, read_manifest(run_dir))
     objectives = cfg.objective_names
     deploy_scorers(cfg)

@@ -15,9 +15,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import yaml
+
+from emorl_ray import storage
+
+if TYPE_CHECKING:
+    from emorl_ray.rundir import RunDir
 
 
 class ConfigError(ValueError):
@@ -275,8 +280,10 @@ class ExperimentConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve() / self.name
+    def run_dir(self) -> RunDir:
+        from emorl_ray.rundir import RunDir
+
+        return RunDir.at(storage.join(storage.normalize(self.output_dir), self.name))
 
     @property
     def objective_names(self) -> list[str]:
@@ -471,6 +478,7 @@ def _validate_data(d: DataConfig, prefix: str, base_dir: Path | None) -> None:
 def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentConfig:
     _check(cfg.name.replace("-", "_").replace(".", "_").isidentifier(), "name",
            "use letters, digits, '-', '_' or '.' only (it names the run directory)")
+    _check(storage.check_location(cfg.output_dir) is None, "output_dir", str(storage.check_location(cfg.output_dir)))
     _check(len(cfg.objectives) >= 1, "objectives", "at least one objective is needed")
 
     m = cfg.model
@@ -544,6 +552,8 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     if t.storage_path is not None:
         _check("://" in t.storage_path or Path(t.storage_path).expanduser().is_absolute(), "training.storage_path",
                "must be an absolute directory or a URI such as s3://bucket/prefix")
+        _check(storage.check_location(t.storage_path) is None, "training.storage_path",
+               str(storage.check_location(t.storage_path)))
     _check_resources(t.scaling.resources, "training.scaling.resources")
     _check(t.max_failures >= -1, "training.max_failures", "must be >= 0 (or -1 for unlimited)")
     _check(t.keep_checkpoints >= 1, "training.keep_checkpoints", "must be >= 1 (2 or more to survive a corrupt one)")
@@ -639,11 +649,15 @@ def parse_config(raw: Any, base_dir: Path | None = None) -> ExperimentConfig:
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> ExperimentConfig:
     """Read, merge dotted `overrides` (e.g. {"training.max_steps": 5}) and validate."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("--config", f"file {str(p)!r} does not exist")
+    p = str(path)  # a local file or a storage URI (a run's config.yaml on an object store)
     try:
-        raw = yaml.safe_load(p.read_text())
+        found = storage.is_file(p)
+    except OSError as e:  # no such bucket, no credentials, ...
+        raise ConfigError("--config", f"cannot read {p!r}: {e}") from None
+    if not found:
+        raise ConfigError("--config", f"file {p!r} does not exist")
+    try:
+        raw = yaml.safe_load(storage.read_text(p))
     except yaml.YAMLError as e:
         raise ConfigError("--config", f"{p} is not valid YAML: {e}") from None
     for dotted, value in (overrides or {}).items():
@@ -653,7 +667,7 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Exper
             node = node.setdefault(k, {})
             _check(isinstance(node, dict), dotted, "cannot override inside a non-mapping value")
         node[keys[-1]] = value
-    return parse_config(raw, base_dir=p.parent.resolve())
+    return parse_config(raw, base_dir=None if storage.is_uri(p) else Path(p).parent.resolve())
 
 
 def config_from_dict(d: dict) -> ExperimentConfig:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
-import pyarrow.parquet as pq
 from ray import serve
 
+from emorl_ray import storage
 from emorl_ray.config import EVAL_METHODS, ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
-from emorl_ray.io import atomic_write_json, write_parquet
 from emorl_ray.rewards.repetition import loops
+from emorl_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ def result_row(name: str, method: dict, res: dict, objectives: list[str], cost: 
     return row
 
 
-def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests: list[dict],
+def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifests: list[dict],
              baselines: list[dict] = (), compared: dict[str, dict] | None = None) -> tuple[dict, list]:
     """Every method under every decoding of evaluation.decodings, on the test split (and on
     `evaluation.generalization`'s test split, if set). Writes eval/metrics.json (with the Pareto
@@ -167,11 +166,11 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, best_weights: dict, manifests
                     "source": cfg.data.source if split == "test" else ev.generalization.source,
                     "methods": rows[split, decoding]} for split, decoding in tables],
     }
-    points_file = run_dir / "search" / "points.parquet"
-    if points_file.exists():
-        points = pq.read_table(points_file).to_pylist()
+    points_file = storage.join(run_dir.search(), "points.parquet")
+    if storage.is_file(points_file):
+        points = storage.read_parquet(points_file)
         result["pareto"] = pareto_summary(points, objectives, result["tables"][0]["methods"])
         result["pareto"]["methods_table"] = {k: result["tables"][0][k] for k in ("split", "decoding")}
-    atomic_write_json(run_dir / "eval" / "metrics.json", result)
-    write_parquet(run_dir / "eval" / "samples.parquet", samples)
+    storage.write_json(run_dir.eval_metrics, result)
+    storage.write_parquet(run_dir.file("eval", "samples.parquet"), samples)
     return result, samples

@@ -4,38 +4,36 @@ weights, evaluate on the test split, write the run directory. `jobs/train_all.py
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import yaml
 
+from emorl_ray import storage
 from emorl_ray.config import ConfigError, ExperimentConfig
-from emorl_ray.io import atomic_write_json, atomic_write_text
+from emorl_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
-def saved_experiment(run_dir: Path) -> dict | None:
+def saved_experiment(run_dir: RunDir) -> dict | None:
     """The experiment a run directory holds, re-read with today's schema (fields added since it
     was written take their defaults), or None when there is none or it no longer parses."""
     from emorl_ray.config import parse_config
 
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
+    if not run_dir.exists():
         return None
     try:
-        return parse_config(yaml.safe_load(saved.read_text())).to_dict()
+        return parse_config(yaml.safe_load(storage.read_text(run_dir.config))).to_dict()
     except ConfigError:
         return None
 
 
-def prepare_run_dir(cfg: ExperimentConfig) -> Path:
+def prepare_run_dir(cfg: ExperimentConfig) -> RunDir:
     """Create the run directory, or resume it if it holds the same experiment."""
     run_dir = cfg.run_dir
-    if (run_dir / "config.yaml").exists():
+    if run_dir.exists():
         # Where the directory is (name, output_dir) is not part of the experiment: it may have moved.
         def experiment(d):
             return {k: v for k, v in (d or {}).items() if k not in ("name", "output_dir")}
@@ -44,7 +42,7 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
             raise ConfigError("name", f"run directory {run_dir} holds a different experiment; choose another "
                               "`name` (or --name), or delete that directory")
         log.info("resuming run directory %s", run_dir)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    storage.write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
 
 
@@ -99,7 +97,7 @@ def run(cfg: ExperimentConfig) -> dict:
     # Converts a GGUF once, here in the driver, and checks that the model config loads.
     model_kind(resolve(cfg.model.id, cfg.model.gguf_file, cfg.model.cache_dir), cfg.model)
     run_dir = prepare_run_dir(cfg)
-    atomic_write_json(run_dir / "data_split.json", splits.summary())
+    storage.write_json(run_dir.file("data_split.json"), splits.summary())
 
     timings = {}
     with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
@@ -127,10 +125,10 @@ def run(cfg: ExperimentConfig) -> dict:
         report = evaluate_and_report(cfg, run_dir, splits.summary(), manifests, search, baselines, compared)
         timings["eval_wall_s"] = time.time() - t
     timings["total_wall_s"] = time.time() - t_start
-    summary = {"run_dir": str(run_dir), "report": str(report["html"]), "report_markdown": str(report["markdown"]),
+    summary = {"run_dir": str(run_dir), "report": report["html"], "report_markdown": report["markdown"],
                "timings": timings, "best_weights": search["best_weights_used"],
                "best_val_score": search["best_score"]}
-    atomic_write_json(run_dir / "summary.json", summary)
+    storage.write_json(run_dir.file("summary.json"), summary)
     return summary
 
 
@@ -141,8 +139,8 @@ def evaluator_adapters(cfg: ExperimentConfig, manifests: list[dict]) -> dict[str
                                                 for m in baseline_runs(cfg, manifests) if m["lora"]}
 
 
-def evaluate_and_report(cfg: ExperimentConfig, run_dir: Path, data_summary: dict, manifests: list[dict],
-                        search: dict, baselines: list[dict], compared: dict) -> dict[str, Path]:
+def evaluate_and_report(cfg: ExperimentConfig, run_dir: RunDir, data_summary: dict, manifests: list[dict],
+                        search: dict, baselines: list[dict], compared: dict) -> dict[str, str]:
     """Stage 4, with the evaluator deployed: every method on the test split, then the report."""
     from emorl_ray.evaluation import evaluate
     from emorl_ray.report import write_report
@@ -156,7 +154,7 @@ def evaluate_and_report(cfg: ExperimentConfig, run_dir: Path, data_summary: dict
 EVALUATION_FIELDS = ("evaluation.", "search.evaluator_", "search.batch_size")
 
 
-def evaluate_run(run_dir: Path, overrides: dict | None = None) -> dict:
+def evaluate_run(location: str, overrides: dict | None = None) -> dict:
     """Re-evaluate a finished run (`jobs/evaluate.py`): its saved experiment with `overrides` of
     EVALUATION_FIELDS, its trained runs and searched weights; rewrites eval/ and the report."""
     from emorl_ray.config import load_config
@@ -166,9 +164,8 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None) -> dict:
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.training.launch import baseline_runs, read_manifest
 
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    run_dir = RunDir.at(location)
+    if not run_dir.exists():
         raise ConfigError("run_dir", f"{run_dir} holds no run (no config.yaml); give the directory that "
                           "jobs/train_all.py wrote (<output_dir>/<name>)")
     for key in overrides or {}:
@@ -176,20 +173,20 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None) -> dict:
             raise ConfigError(key, "jobs/evaluate.py only changes how a run is evaluated (evaluation.*, "
                               "search.evaluator_*, search.batch_size); other fields are what the run was "
                               "trained and searched with: run jobs/train_all.py with a new name instead")
-    cfg = load_config(saved, {**(overrides or {}), "name": run_dir.name, "output_dir": str(run_dir.parent)})
-    search_file = run_dir / "search" / "result.json"
-    if not search_file.is_file():
+    cfg = load_config(run_dir.config, {**(overrides or {}), "name": run_dir.name, "output_dir": run_dir.output_dir})
+    search_file = storage.join(run_dir.search(), "result.json")
+    if not storage.is_file(search_file):
         raise ConfigError("run_dir", f"{search_file} does not exist: the run's search has not finished; "
-                          f"resume it with jobs/train_all.py --config {saved}")
-    search = json.loads(search_file.read_text())
+                          f"resume it with jobs/train_all.py --resume {run_dir}")
+    search = storage.read_json(search_file)
     manifests = read_manifest(run_dir)
     compared = {}
     for a in cfg.search.compare_aggregations:
-        f = run_dir / "search" / a / "result.json"
-        if not f.is_file():
+        f = storage.join(run_dir.search(a), "result.json")
+        if not storage.is_file(f):
             raise ConfigError("search.compare_aggregations", f"{f} does not exist: resume the run with "
                               "jobs/train_all.py to finish that search")
-        compared[a] = json.loads(f.read_text())["best_weights"]
+        compared[a] = storage.read_json(f)["best_weights"]
     data_summary = load_splits(cfg.data, cfg.faithful).summary()
     t = time.time()
     with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
@@ -198,8 +195,8 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None) -> dict:
         deploy_evaluator(cfg, evaluator_adapters(cfg, manifests))
         report = evaluate_and_report(cfg, run_dir, data_summary, manifests, search,
                                      baseline_runs(cfg, manifests), compared)
-    return {"run_dir": str(run_dir), "report": str(report["html"]), "report_markdown": str(report["markdown"]),
-            "eval_wall_s": time.time() - t, "metrics": str(run_dir / "eval" / "metrics.json")}
+    return {"run_dir": str(run_dir), "report": report["html"], "report_markdown": report["markdown"],
+            "eval_wall_s": time.time() - t, "metrics": run_dir.eval_metrics}
 
 
 def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]:
@@ -212,8 +209,8 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
     from emorl_ray.training.launch import single_objective_jobs, train_all
 
     run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
+    saved = run_dir.config
+    if not run_dir.exists():
         raise ConfigError("name", f"{run_dir} holds no run (no config.yaml); train it with jobs/train_all.py "
                           "first, or fix `name`/`output_dir`")
     for o in objectives:
@@ -232,5 +229,5 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
         check_cluster(cfg, objectives)
         deploy_scorers(cfg, objectives)
         runs = train_all(cfg, run_dir, single_objective_jobs(cfg, objectives))
-    atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
+    storage.write_text(saved, yaml.safe_dump(new, sort_keys=False))
     return runs

@@ -3,8 +3,8 @@ curves. The search's ternary heatmap lives with the search (`search/plots.py`)."
 
 from __future__ import annotations
 
+import io
 from itertools import combinations
-from pathlib import Path
 
 
 def pyplot():
@@ -16,17 +16,18 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
-    plt = pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+def save_figure(fig, location: str) -> str:
+    """Write the figure as PNG to a local path or storage URI, in one atomic write."""
+    from emorl_ray import storage
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+    storage.write_bytes(str(location), buf.getvalue())
+    return str(location)
 
 
-def pareto_plot(pareto: dict, points: list[dict], path: Path) -> Path:
+def pareto_plot(pareto: dict, points: list[dict], path: str) -> str:
     """One panel per pair of objectives: every searched point (validation), the Pareto front among
     them, and where each evaluated method lands (test)."""
     plt = pyplot()
@@ -56,7 +57,7 @@ def pareto_plot(pareto: dict, points: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def training_curves(histories: dict[str, list[dict]], path: Path) -> Path:
+def training_curves(histories: dict[str, list[dict]], path: str) -> str:
     """Per training run: validation score and the smoothed training reward against data points."""
     plt = pyplot()
     fig, (val_ax, train_ax) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -7,11 +7,9 @@ from __future__ import annotations
 import base64
 import html
 import re
-from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from emorl_ray.io import atomic_write_text
+from emorl_ray import storage
+from emorl_ray.rundir import RunDir
 
 
 def _fmt(x, nd=4):
@@ -43,7 +41,7 @@ def _table_title(t: dict) -> str:
     return f"{where}, {t['decoding']} decoding ({n} prompts{per})"
 
 
-def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
+def report_blocks(run_dir: RunDir, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
                   samples: list[dict], samples_per_method: int = 3) -> list[tuple]:
     """The report as a list of blocks: ("h1"|"h2"|"h3"|"p", text), ("table", header, rows),
     ("img", path relative to the run directory, alt), ("sample", prompt, [(method, response)])."""
@@ -65,10 +63,10 @@ def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict],
     b.append(("p", f"EMORL total: {sum(m['data_points'] for m in emorl)} data points, "
                    f"{sum(m['train_seconds'] for m in emorl):.1f} s of training (summed over its "
                    "single-objective runs, which ran in parallel)."))
-    histories = {f"{m['name']} (seed {m['seed']})": pq.read_table(m["metrics_path"]).to_pylist()
-                 for m in manifests if Path(m.get("metrics_path", "")).is_file()}
+    histories = {f"{m['name']} (seed {m['seed']})": storage.read_parquet(m["metrics_path"])
+                 for m in manifests if m.get("metrics_path") and storage.is_file(m["metrics_path"])}
     if histories:
-        training_curves(histories, run_dir / "plots" / "training_curves.png")
+        training_curves(histories, run_dir.file("plots", "training_curves.png"))
         b.append(("img", "plots/training_curves.png", "training curves"))
 
     b += [("h2", f"Stages 2+3: hierarchical search of the ensemble weights ({search['aggregation']} aggregation)"),
@@ -78,7 +76,7 @@ def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict],
                 + (" (as decoded: w / sum w; the ensemble is scale-invariant)" if search["weights_scale_invariant"]
                    else " (as decoded: parameter aggregation scales each adapter's delta W by its weight)")
                 + ". All points: `search/points.parquet`.")]
-    if (run_dir / "search" / "heatmap.png").exists():
+    if storage.is_file(storage.join(run_dir.search(), "heatmap.png")):
         b.append(("img", "search/heatmap.png", "searched weights"))
 
     for t in evaluation["tables"]:
@@ -109,9 +107,9 @@ def report_blocks(run_dir: Path, cfg, data_summary: dict, manifests: list[dict],
               ("table", ["weights (search front)"] + objectives,
                [[", ".join(f"{w:.3f}" for w in f["weights"].values())] + [f["scores"][o] for o in objectives]
                 for f in sorted(ps["front"], key=lambda f: -sum(f["scores"].values()))])]
-        points_file = run_dir / "search" / "points.parquet"
-        if points_file.exists():
-            pareto_plot(pareto, pq.read_table(points_file).to_pylist(), run_dir / "plots" / "pareto.png")
+        points_file = storage.join(run_dir.search(), "points.parquet")
+        if storage.is_file(points_file):
+            pareto_plot(pareto, storage.read_parquet(points_file), run_dir.file("plots", "pareto.png"))
             b.append(("img", "plots/pareto.png", "Pareto view"))
 
     b.append(("h2", "Samples (test prompts, greedy)"))
@@ -154,7 +152,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-widt
 code{background:#f3f3f3;padding:0 3px}.sample{margin:1em 0}.sample li{margin:2px 0}"""
 
 
-def to_html(blocks: list[tuple], run_dir: Path, title: str) -> str:
+def to_html(blocks: list[tuple], run_dir: RunDir, title: str) -> str:
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{_STYLE}</style></head><body>"]
     for kind, *rest in blocks:
@@ -168,7 +166,7 @@ def to_html(blocks: list[tuple], run_dir: Path, title: str) -> str:
             out += ["<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows]
             out.append("</table>")
         elif kind == "img":
-            data = base64.b64encode((run_dir / rest[0]).read_bytes()).decode()
+            data = base64.b64encode(storage.read_bytes(run_dir.file(rest[0]))).decode()
             out.append(f"<img alt='{html.escape(rest[1])}' src='data:image/png;base64,{data}'>")
         elif kind == "sample":
             prompt, responses = rest
@@ -179,9 +177,10 @@ def to_html(blocks: list[tuple], run_dir: Path, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(run_dir: Path, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
-                 samples: list[dict], samples_per_method: int = 3) -> dict[str, Path]:
+def write_report(run_dir: RunDir, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
+                 samples: list[dict], samples_per_method: int = 3) -> dict[str, str]:
     blocks = report_blocks(run_dir, cfg, data_summary, manifests, search, evaluation, samples, samples_per_method)
-    atomic_write_text(run_dir / "report.md", to_markdown(blocks))
-    atomic_write_text(run_dir / "report.html", to_html(blocks, run_dir, f"EMORL run {cfg.name}"))
-    return {"markdown": run_dir / "report.md", "html": run_dir / "report.html"}
+    paths = {"markdown": run_dir.file("report.md"), "html": run_dir.file("report.html")}
+    storage.write_text(paths["markdown"], to_markdown(blocks))
+    storage.write_text(paths["html"], to_html(blocks, run_dir, f"EMORL run {cfg.name}"))
+    return paths

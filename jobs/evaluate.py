@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from emorl_ray.pipeline import evaluate_run
 
     try:
-        summary = evaluate_run(Path(args.run_dir), overrides)
+        summary = evaluate_run(args.run_dir, overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

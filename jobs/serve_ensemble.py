@@ -22,25 +22,29 @@ from emorl_ray.config import ConfigError, load_config  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, required=True, help="a run directory written by jobs/train_all.py")
+    ap.add_argument("--run-dir", required=True, help="a run directory written by jobs/train_all.py (path or URI)")
     ap.add_argument("--host", help="override serving.host")
     ap.add_argument("--port", type=int, help="override serving.port")
     args = ap.parse_args(argv)
-    manifest = args.run_dir / "training" / "manifest.json"
-    if not (args.run_dir / "config.yaml").exists() or not manifest.exists():
+    from emorl_ray import storage
+    from emorl_ray.rundir import RunDir
+
+    run_dir = RunDir.at(args.run_dir)
+    if not run_dir.exists() or not storage.is_file(run_dir.manifest):
         print(f"error: --run-dir {args.run_dir}: no config.yaml and training/manifest.json; "
               "point it at a finished jobs/train_all.py run", file=sys.stderr)
         return 2
     overrides = {k: v for k, v in (("serving.host", args.host), ("serving.port", args.port)) if v is not None}
+    overrides |= {"name": run_dir.name, "output_dir": run_dir.output_dir}
     try:
-        cfg = load_config(args.run_dir / "config.yaml", overrides)
+        cfg = load_config(run_dir.config, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from emorl_ray.training.launch import ensemble_adapters, read_manifest
 
     try:
-        adapters = ensemble_adapters(cfg, read_manifest(args.run_dir))
+        adapters = ensemble_adapters(cfg, read_manifest(run_dir))
     except RuntimeError as e:
         print(f"error: --run-dir {args.run_dir}: {e}", file=sys.stderr)
         return 2

@@ -32,16 +32,18 @@ def main(argv=None) -> int:
                         "finished trainings and search trials are kept")
     args = p.parse_args(argv)
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
+        from emorl_ray.rundir import RunDir
+
+        run_dir = RunDir.at(args.resume)
+        if not run_dir.exists():
             print(f"error: --resume {run_dir}: no config.yaml there; give a run directory "
-                  "(<output_dir>/<name>) that jobs/train_all.py wrote", file=sys.stderr)
+                  "(<output_dir>/<name>, a path or a URI) that jobs/train_all.py wrote", file=sys.stderr)
             return 2
         if args.name or args.output_dir or args.config != str(DEFAULT_CONFIG):
             print("error: --resume takes the run's own config, name and output dir; drop --config, --name "
                   "and --output-dir", file=sys.stderr)
             return 2
-        args.config, args.name, args.output_dir = str(run_dir / "config.yaml"), run_dir.name, str(run_dir.parent)
+        args.config, args.name, args.output_dir = run_dir.config, run_dir.name, run_dir.output_dir
     cfg = config_from_args(args)
     if cfg is None:
         return 2

@@ -48,8 +48,9 @@ def main(argv=None) -> int:
         print("error: --epochs must be >= 1 and --lr, --margin > 0", file=sys.stderr)
         return 2
 
-    from emorl_ray.data import annomi_graded, load_splits, pair_graded
     from emorl_ray.io import atomic_write_json
+
+    from emorl_ray.data import annomi_graded, load_splits, pair_graded
     from emorl_ray.rewards.train_reflection import CrossEncoder, ranking_metrics, reflection_auc, train
 
     try:

@@ -18,6 +18,36 @@ def start_local_ray(**kwargs) -> None:
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on a free local port, for the length of the
+    session; yields the environment that points the AWS SDK (pyarrow's S3 filesystem) at it. The
+    tests pass it to the processes they start, and to the test's own process while it runs."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket on the test server; returns its s3:// URI. The test's environment points at the server."""
+    import pyarrow.fs as pafs
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    import re
+
+    name = ("emorl-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()))[:50].strip("-")
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")
+    fs.create_dir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
 def tiny_causal(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "causal", "causal")
 

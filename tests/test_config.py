@@ -1,8 +1,8 @@
 import pytest
 import yaml
+from conftest import tiny_raw_config
 
 from emorl_ray.config import ConfigError, load_config, parse_config
-from conftest import tiny_raw_config
 
 
 def test_shipped_configs_parse(tmp_path):

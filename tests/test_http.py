@@ -67,12 +67,12 @@ def _post(url, data: bytes):
 @pytest.mark.e2e
 def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_path):
     import ray
+    from conftest import start_local_ray, tiny_raw_config
     from ray import serve
+    from test_ensemble import _random_adapters
 
     from emorl_ray.config import parse_config
     from emorl_ray.ensemble.http import deploy_http
-    from conftest import start_local_ray, tiny_raw_config
-    from test_ensemble import _random_adapters
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
     port = _free_port()

@@ -1,12 +1,13 @@
 """The whole pipeline on a tiny model through real Ray Train, Serve and Tune."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import start_local_ray, tiny_raw_config
 from peft import PeftModel
 
-from conftest import start_local_ray, tiny_raw_config
 from emorl_ray.models import Policy
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +36,7 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     raw["search"]["compare_aggregations"] = ["parameter"]
     tiny_config = parse_config(raw)
     summary = run(tiny_config)
-    run_dir = tiny_config.run_dir
+    run_dir = Path(tiny_config.run_dir.location)
     assert summary["run_dir"] == str(run_dir)
 
     manifest = json.loads((run_dir / "training" / "manifest.json").read_text())["runs"]
@@ -82,8 +83,8 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     from emorl_ray.pipeline import evaluate_run
 
     with pytest.raises(ConfigError, match="training.max_steps"):
-        evaluate_run(run_dir, {"training.max_steps": 10})
-    evaluate_run(run_dir, {"evaluation.methods": ["emorl", "baselines"], "evaluation.decodings": ["sampled"],
+        evaluate_run(str(run_dir), {"training.max_steps": 10})
+    evaluate_run(str(run_dir), {"evaluation.methods": ["emorl", "baselines"], "evaluation.decodings": ["sampled"],
                            "evaluation.samples_per_prompt": 2, "evaluation.generalization": None})
     again_metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     (table,) = again_metrics["tables"]
@@ -117,53 +118,63 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     assert all("w/vowels" in p for p in points3) and len(points3) > len(points)
 
 
-def test_killed_driver_resumes_with_resume_flag(tiny_causal, tmp_path):
-    """SIGKILL the whole job (driver and its local Ray) during the search, then
-    `jobs/train_all.py --resume RUN_DIR`: trainings and finished trials are not redone."""
+def test_killed_driver_resumes_from_an_s3_run_directory(tiny_causal, tmp_path, s3_bucket, s3_server):
+    """The run directory on S3 (a real S3-compatible server). SIGKILL the whole job (driver and
+    its local Ray) during the search, then `jobs/train_all.py --resume s3://...`: trainings and the
+    trials Tune had saved are not redone; then `jobs/evaluate.py s3://...` re-reads the run."""
     import os
+    import re
     import signal
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     import yaml
 
-    from conftest import tiny_raw_config
+    from emorl_ray import storage
+    from emorl_ray.rundir import RunDir
 
     root = Path(__file__).resolve().parents[1]
-    raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
+    raw = tiny_raw_config(tiny_causal, s3_bucket + "/runs")
     raw["search"]["levels"] = 4  # 3 + 1 + 1 + 1 trials: time to be killed in the middle
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run_dir = tmp_path / "runs" / "tiny"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    with open(tmp_path / "first.log", "w") as log:
+    run = RunDir.at(s3_bucket + "/runs/tiny")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", EMORL_CACHE=str(tmp_path / "cache"), **s3_server)
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as log:
         proc = subprocess.Popen([sys.executable, "jobs/train_all.py", "--config", str(cfg_file)], cwd=root, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    exp = run_dir / "ray" / "search-overlap-brevity"
+    trial_done = re.compile(r"search \(hidden_state\): trial \d+ done")
     deadline = time.time() + 420
-    done = []
     while time.time() < deadline and proc.poll() is None:
-        done = [p for p in exp.glob("evaluate_weights_*/result.json") if p.stat().st_size > 0]
-        if len(done) >= 2:
+        if len(trial_done.findall(first_log.read_text())) >= 2:
             break
         time.sleep(0.5)
+    time.sleep(2.5)  # Tune saves its experiment state every second here (search/run.py)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(done) >= 2 and not (run_dir / "eval" / "metrics.json").exists(), \
-        (tmp_path / "first.log").read_text()[-3000:]
-    manifest = (run_dir / "training" / "manifest.json").read_text()
-    checkpoints = sorted(str(p) for p in (run_dir / "ray").glob("train-*/checkpoint_*"))
-    finished = {p.parent.name for p in exp.glob("evaluate_weights_*/result.json") if p.stat().st_size > 0}
-    time.sleep(2)
+    before_kill = len(trial_done.findall(first_log.read_text()))
+    assert 2 <= before_kill < 6 and not storage.exists(run.eval_metrics), first_log.read_text()[-3000:]
+    assert not (root / "s3:").exists()  # nothing went to a local folder named after the URI
+    manifest = storage.read_text(run.manifest)
+    checkpoints = sorted(n for n, _ in storage.listdir(storage.join(run.ray_storage, "train-overlap-s0")))
 
-    again = subprocess.run([sys.executable, "jobs/train_all.py", "--resume", str(run_dir)], cwd=root, env=env,
+    again = subprocess.run([sys.executable, "jobs/train_all.py", "--resume", run.location], cwd=root, env=env,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (run_dir / "training" / "manifest.json").read_text() == manifest  # nothing retrained
-    assert sorted(str(p) for p in (run_dir / "ray").glob("train-*/checkpoint_*")) == checkpoints
-    for name in finished:  # finished trials kept their single result
-        assert len((exp / name / "result.json").read_text().strip().splitlines()) == 1
-    points = pq.read_table(run_dir / "search" / "points.parquet").to_pylist()
-    assert len(points) == 6 and (run_dir / "eval" / "metrics.json").exists()
+    assert storage.read_text(run.manifest) == manifest  # nothing retrained
+    assert sorted(n for n, _ in storage.listdir(storage.join(run.ray_storage, "train-overlap-s0"))) == checkpoints
+    rerun = len(trial_done.findall(again.stderr))
+    assert rerun <= 6 - before_kill + 1, again.stderr[-3000:]  # at most the trial in flight when killed
+    points = storage.read_parquet(storage.join(run.search(), "points.parquet"))
+    assert len(points) == 6 and storage.is_file(run.eval_metrics)
+    assert storage.read_bytes(run.file("report.html")).startswith(b"<!doctype html>")
+
+    evaluated = subprocess.run([sys.executable, "jobs/evaluate.py", run.location, "--methods", "emorl",
+                                "--set", "evaluation.decodings=[greedy]"], cwd=root, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    tables = storage.read_json(run.eval_metrics)["tables"]
+    assert [(t["decoding"], [m["method"] for m in t["methods"]]) for t in tables] == [
+        ("greedy", ["EMORL (searched weights)"])]

@@ -6,8 +6,8 @@ import socket
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_raw_config
+
 from emorl_ray.config import ConfigError, parse_config
 from emorl_ray.placement import check_fits, resource_requests
 

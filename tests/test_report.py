@@ -3,14 +3,15 @@ hand-made run directory (every section, every figure; rendered by headless Chrom
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
-
 from conftest import tiny_raw_config
+
 from emorl_ray.config import parse_config
 from emorl_ray.evaluation import methods_to_evaluate, per_prompt_means, result_row
-from emorl_ray.io import write_parquet
 from emorl_ray.pareto import hypervolume, non_dominated, pareto_summary
+from emorl_ray.storage import write_parquet
 
 
 def test_non_dominated_on_a_known_set():
@@ -83,7 +84,7 @@ def _fake_run(tmp_path, tiny_causal):
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
     raw["objectives"]["third"] = raw["objectives"]["brevity"]
     cfg = parse_config(raw)
-    run_dir = cfg.run_dir
+    run_dir = Path(cfg.run_dir.location)
     obj = cfg.objective_names
     manifests = []
     for k, o in enumerate(obj):
@@ -92,15 +93,15 @@ def _fake_run(tmp_path, tiny_causal):
             rows.append({"kind": "train", "step": step, "data_points": 2 * step, "reward": 0.1 * step + k / 10})
             if step % 2 == 0:
                 rows.append({"kind": "val", "step": step, "data_points": 2 * step, "val_score": 0.2 * step})
-        write_parquet(run_dir / "training" / o / "metrics.parquet", rows)
+        write_parquet(str(run_dir / "training" / o / "metrics.parquet"), rows)
         manifests.append({"name": o, "seed": 0, "method": "single", "steps": 4, "data_points": 8,
                           "train_seconds": 3.0, "converged": False, "final_val_score": 0.8,
                           "metrics_path": str(run_dir / "training" / o / "metrics.parquet")})
     points = [{"level": 1, **{f"w/{o}": float(i == j) for j, o in enumerate(obj)}, "score": 0.3 + i / 10,
                **{f"score/{o}": 0.2 + 0.3 * (i == j) for j, o in enumerate(obj)}} for i in range(3)]
-    write_parquet(run_dir / "search" / "points.parquet", points)
+    write_parquet(str(run_dir / "search" / "points.parquet"), points)
     best = {o: float(j == 2) for j, o in enumerate(obj)}
-    ternary_heatmap(points, obj, run_dir / "search" / "heatmap.png", best=best)
+    ternary_heatmap(points, obj, str(run_dir / "search" / "heatmap.png"), best=best)
     search = {"aggregation": "hidden_state", "parameterization": "simplex", "levels": 1, "trials": 3,
               "failed_trials": 0, "best_score": 0.5, "best_weights": best, "best_weights_used": best,
               "weights_scale_invariant": True}
@@ -129,9 +130,9 @@ def test_report_has_every_section_and_figure(tmp_path, tiny_causal):
     from emorl_ray.report import write_report
 
     cfg, run_dir, manifests, search, evaluation, samples = _fake_run(tmp_path, tiny_causal)
-    out = write_report(run_dir, cfg, {"sizes": {"train": 4, "val": 2, "test": 2}, "dropped": {}}, manifests,
+    out = write_report(cfg.run_dir, cfg, {"sizes": {"train": 4, "val": 2, "test": 2}, "dropped": {}}, manifests,
                        search, evaluation, samples, samples_per_method=2)
-    md, page = out["markdown"].read_text(), out["html"].read_text()
+    md, page = Path(out["markdown"]).read_text(), Path(out["html"]).read_text()
     for section in ("## Data", "## Stage 1: training", "## Stages 2+3: hierarchical search",
                     "## Test split, greedy decoding (2 prompts)",
                     "## Test split, sampled decoding (2 prompts, 2 samples per prompt)",
@@ -155,11 +156,11 @@ def test_report_renders_in_headless_chromium(tmp_path, tiny_causal):
     from emorl_ray.report import write_report
 
     cfg, run_dir, manifests, search, evaluation, samples = _fake_run(tmp_path, tiny_causal)
-    out = write_report(run_dir, cfg, {"sizes": {}, "dropped": {}}, manifests, search, evaluation, samples)
+    out = write_report(cfg.run_dir, cfg, {"sizes": {}, "dropped": {}}, manifests, search, evaluation, samples)
     shot = tmp_path / "shot.png"
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,3000",
-                    f"--screenshot={shot}", out["html"].as_uri()], check=True, capture_output=True, timeout=120)
+                    f"--screenshot={shot}", Path(out["html"]).as_uri()], check=True, capture_output=True, timeout=120)
     img = Image.open(shot).convert("L")
     assert img.size == (1280, 3000)
     colours = img.getcolors(maxcolors=1 << 16)

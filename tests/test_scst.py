@@ -8,8 +8,18 @@ from emorl_ray.config import LoraConfig, ModelConfig, SamplingConfig, TrainingCo
 from emorl_ray.models import Policy, lora_config
 from emorl_ray.rewards import LocalRewards
 from emorl_ray.rewards.toy import vowel_start
-from emorl_ray.training.scst import (advantages, authors_postprocess, authors_targets, converged, kl_penalty,
-                                     policy_loss, response_mask, sample, scst_step, transform)
+from emorl_ray.training.scst import (
+    advantages,
+    authors_postprocess,
+    authors_targets,
+    converged,
+    kl_penalty,
+    policy_loss,
+    response_mask,
+    sample,
+    scst_step,
+    transform,
+)
 
 
 def test_response_mask_keeps_the_first_eos():

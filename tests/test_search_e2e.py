@@ -1,10 +1,10 @@
 """The weight search against a real ensemble deployment (tiny model, Serve scorers, Tune)."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import start_local_ray, tiny_raw_config
 
 pytestmark = pytest.mark.e2e
@@ -15,12 +15,12 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
     sub-box with the origin can still win; the result says which weights the decoder applied."""
     import ray
     from ray import serve
+    from test_ensemble import _random_adapters
 
     from emorl_ray.config import parse_config
     from emorl_ray.ensemble.deployment import deploy_evaluator
     from emorl_ray.rewards.serve import deploy_scorers
     from emorl_ray.search.run import run_search
-    from test_ensemble import _random_adapters
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
     raw["search"].update(parameterization="cube", levels=1)
@@ -38,7 +38,7 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
         result = run_search(cfg, cfg.run_dir, ["overlap", "brevity"])
         # A driver killed while Tune starts leaves tuner.pkl without an experiment state; a rerun
         # must search again rather than restore trials that have lost their config.
-        exp = cfg.run_dir / "ray" / "search-overlap-brevity"
+        exp = Path(cfg.run_dir.ray_storage) / "search-overlap-brevity"
         for f in exp.glob("experiment_state-*.json"):
             f.unlink()
         again = run_search(cfg, cfg.run_dir, ["overlap", "brevity"])
@@ -46,7 +46,7 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
     finally:
         serve.shutdown()
         ray.shutdown()
-    points = pq.read_table(cfg.run_dir / "search" / "points.parquet").to_pylist()
+    points = pq.read_table(Path(cfg.run_dir.search()) / "points.parquet").to_pylist()
     assert len(points) == 9 and all(p["score"] is not None for p in points)
     at_origin = next(p for p in points if p["w/overlap"] == 0 and p["w/brevity"] == 0)
     assert at_origin["score"] == pytest.approx(origin["mean"])
@@ -54,7 +54,7 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
         total = p["w/overlap"] + p["w/brevity"]
         if total:
             assert p["used/overlap"] == pytest.approx(p["w/overlap"] / total)
-    saved = json.loads((cfg.run_dir / "search" / "result.json").read_text())
+    saved = json.loads((Path(cfg.run_dir.search()) / "result.json").read_text())
     assert saved == result and result["weights_scale_invariant"]
     total = sum(result["best_weights"].values())
     assert result["best_weights_used"] == pytest.approx({o: w / total for o, w in result["best_weights"].items()})

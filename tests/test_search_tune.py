@@ -9,9 +9,9 @@ import time
 
 import pytest
 import ray
+from conftest import start_local_ray
 from ray import tune
 
-from conftest import start_local_ray
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher
 from emorl_ray.search.run import searcher_state
 from emorl_ray.search.synthetic import FUNCTIONS, synthetic_trial

@@ -11,11 +11,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def ray_with_scorers(tiny_causal, tmp_path_factory):
     import ray
+    from conftest import start_local_ray, tiny_raw_config
     from ray import serve
 
     from emorl_ray.config import parse_config
     from emorl_ray.rewards.serve import deploy_scorers
-    from conftest import start_local_ray, tiny_raw_config
 
     cfg = parse_config(tiny_raw_config(tiny_causal, tmp_path_factory.mktemp("runs"), max_steps=5, val_every=2,
                                        max_failures=1))

@@ -11,6 +11,7 @@ import threading
 
 from ray import serve
 
+from emorl_ray import storage
 from emorl_ray.config import config_from_dict
 
 APP_NAME = "emorl-ensemble"
@@ -72,7 +73,7 @@ class EnsembleEvaluator:
                 self._full = (None, None)  # one full model at a time
                 base = self.ensemble.policy
                 policy = copy.copy(base)
-                policy.model = load_model(model_path, self.cfg.model, base.kind, base.device).eval()
+                policy.model = load_model(storage.local_dir(model_path), self.cfg.model, base.kind, base.device).eval()
                 self._full = (model_path, policy)
             return generate(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size, sampling)
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from emorl_ray import storage
 from emorl_ray.decoding.sampling import choose_token, device_generator
 from emorl_ray.models import Policy
 
@@ -190,9 +190,11 @@ class AdapterEnsemble:
         if not adapters:
             raise ValueError("the ensemble needs at least one adapter directory")
         for name, path in adapters.items():
-            if not (Path(path) / "adapter_config.json").is_file():
+            if not storage.is_file(storage.join(path, "adapter_config.json")):
                 raise ValueError(f"adapter {name!r}: {path} holds no adapter_config.json; give a directory "
                                  "written by PeftModel.save_pretrained (a run's training/<run>/adapter)")
+        # A run on object storage: this node reads a local copy (fetched once, cached by content).
+        adapters = {name: storage.local_dir(path) for name, path in adapters.items()}
         self.names = list(adapters)
         model = PeftModel.from_pretrained(policy.model, adapters[self.names[0]], adapter_name=self.names[0])
         for name in self.names[1:]:

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from emorl_ray import storage
 from emorl_ray.ensemble.hidden_state import _LMHeadInput
 from emorl_ray.models import Policy
 
@@ -25,7 +26,7 @@ class ReferenceEnsemble:
 
         self.policy = policy
         self.names = list(adapters)
-        self.models = [PeftModel.from_pretrained(copy.deepcopy(policy.model), adapters[n]).merge_and_unload().eval()
+        self.models = [PeftModel.from_pretrained(copy.deepcopy(policy.model), storage.local_dir(adapters[n])).merge_and_unload().eval()
                        for n in self.names]
 
     @torch.no_grad()

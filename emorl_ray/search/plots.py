@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 
 def _xy(w: list[float]) -> tuple[float, float] | None:
@@ -15,8 +14,8 @@ def _xy(w: list[float]) -> tuple[float, float] | None:
     return b + c / 2, c * math.sqrt(3) / 2
 
 
-def ternary_heatmap(points: list[dict], objectives: list[str], path: Path, best: dict | None = None,
-                    search_path: list | None = None, title: str = "") -> Path:
+def ternary_heatmap(points: list[dict], objectives: list[str], path: str, best: dict | None = None,
+                    search_path: list | None = None, title: str = "") -> str:
     """`points`: rows with `w/<objective>` and `score`; `search_path`: the searcher's chosen region
     per level (drawn for the simplex mode, whose regions are triangles; cube boxes are not drawn)."""
     from emorl_ray.plots import pyplot, save_figure

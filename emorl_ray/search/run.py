@@ -7,20 +7,18 @@ directory restores the Tune experiment and the searcher state: finished trials a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-from pathlib import Path
 
 from ray import serve, tune
 
+from emorl_ray import storage
 from emorl_ray.config import ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
 from emorl_ray.ensemble.hidden_state import weights_used
-from emorl_ray.io import atomic_write_json, write_parquet
 from emorl_ray.metrics import record_trial
+from emorl_ray.rundir import RunDir
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher
 
 log = logging.getLogger(__name__)
@@ -54,35 +52,36 @@ class SearchProgress(tune.Callback):
                  "n/a" if score is None else f"{score:.4f}", self.best)
 
 
-def searcher_state(exp_path: Path) -> dict:
+def searcher_state(exp_path: str) -> dict:
     """The searcher's JSON state as Tune last saved it (Tune names the file *.pkl; it is JSON)."""
-    files = sorted(Path(exp_path).glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    return json.loads(files[-1].read_text()) if files else {}
+    files = sorted((mtime, name) for name, mtime in storage.listdir(exp_path)
+                   if name.startswith("searcher-state-") and name.endswith(".pkl"))
+    return storage.read_json(storage.join(exp_path, files[-1][1])) if files else {}
 
 
-def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggregation: str | None = None) -> dict:
+def run_search(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], aggregation: str | None = None) -> dict:
     """Search the weights of `aggregation` (default: search.aggregation). Results go to `search/`,
     or to `search/<aggregation>/` for the comparisons of search.compare_aggregations."""
     se = cfg.search
     aggregation = aggregation or se.aggregation
     main = aggregation == se.aggregation
-    out_dir = run_dir / "search" if main else run_dir / "search" / aggregation
-    storage = run_dir / "ray"
+    out_dir = run_dir.search(None if main else aggregation)
     # One experiment per set of adapters: adding an objective (jobs/train_objective.py) starts a new search.
     name = "search-" + ("" if main else aggregation + "-") + "-".join(objectives)
-    exp_path = storage / name
+    exp_path = storage.join(run_dir.ray_storage, name)
     trainable = tune.with_resources(evaluate_weights, {"cpu": se.trial_cpus})
     # Tune saves the experiment state (what a restore knows is finished) at most every 10 s by
     # default; trials here take seconds, so a killed driver would redo several. Save every second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    if tune.Tuner.can_restore(str(exp_path)) and not list(exp_path.glob("experiment_state-*.json")):
+    if tune.Tuner.can_restore(exp_path) and not any(
+            n.startswith("experiment_state-") and n.endswith(".json") for n, _ in storage.listdir(exp_path)):
         # A driver killed while Tune was starting leaves tuner.pkl but no experiment state: Tune's
         # restore then runs trials without their config. Nothing had finished: start afresh.
         log.warning("the search in %s was stopped before its first saved state; starting it again", exp_path)
-        shutil.rmtree(exp_path)
-    if tune.Tuner.can_restore(str(exp_path)):
+        storage.remove_dir(exp_path)
+    if tune.Tuner.can_restore(exp_path):
         log.info("resuming the search from %s", exp_path)
-        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         searcher = HierarchicalGridSearcher(objectives, metric=METRIC, mode="max", levels=se.levels,
                                             parameterization=se.parameterization, cache=se.cache)
@@ -91,7 +90,7 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
             param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens, "aggregation": aggregation},
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                         max_concurrent_trials=se.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+            run_config=tune.RunConfig(name=name, storage_path=run_dir.ray_storage,
                                       failure_config=tune.FailureConfig(max_failures=se.max_failures), verbose=1,
                                       callbacks=[SearchProgress(aggregation, se.levels)]),
         )
@@ -125,14 +124,14 @@ def run_search(cfg: ExperimentConfig, run_dir: Path, objectives: list[str], aggr
               "best_per_objective": {o: best[f"score/{o}"] for o in objectives}}
     state = searcher_state(exp_path)
     result["path"] = state.get("path", [])
-    write_parquet(out_dir / "points.parquet", points)
+    storage.write_parquet(storage.join(out_dir, "points.parquet"), points)
     if len(objectives) == 3:
         from emorl_ray.search.plots import ternary_heatmap
 
-        ternary_heatmap(points, objectives, out_dir / "heatmap.png", best=result["best_weights"],
+        ternary_heatmap(points, objectives, storage.join(out_dir, "heatmap.png"), best=result["best_weights"],
                         search_path=result["path"],
                         title=f"{aggregation}: {se.parameterization} search, {len(points)} trials, "
                               f"best {best['score']:.4f}")
-    atomic_write_json(out_dir / "result.json", result)
+    storage.write_json(storage.join(out_dir, "result.json"), result)
     log.info("search (%s): %d trials, best %.4f at %s", aggregation, len(points), best["score"], result["best_weights"])
     return result

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from emorl_ray import storage
 from emorl_ray.config import ExperimentConfig
-from emorl_ray.io import atomic_write_json, atomic_copytree, write_parquet
+from emorl_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ def baseline_jobs(cfg: ExperimentConfig) -> list[TrainJob]:
     return [TrainJob(m, uniform, s, m, lora) for m in cfg.baselines.methods for s in cfg.training.seeds]
 
 
-def manifest_path(run_dir: Path, job: TrainJob) -> Path:
-    return run_dir / "training" / job.run_name / "manifest.json"
+def manifest_path(run_dir: RunDir, job: TrainJob) -> str:
+    return storage.join(run_dir.training_run(job.run_name), "manifest.json")
 
 
-def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None = None) -> dict:
+def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, extra: dict | None = None) -> dict:
     """Run (or resume) one trainer to the end and write its adapter, metrics and manifest."""
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -60,9 +61,9 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
     from emorl_ray.training.loop import ADAPTER_DIR, FULL_MODEL_DIR, HISTORY_FILE, STATE_FILE, train_loop_per_worker
 
     mpath = manifest_path(run_dir, job)
-    if mpath.exists():
+    if storage.is_file(mpath):
         log.info("[%s] already trained (%s); skipping", job.run_name, mpath)
-        return json.loads(mpath.read_text())
+        return storage.read_json(mpath)
     sc = cfg.training.scaling
     from emorl_ray.placement import trainer_worker_request
 
@@ -75,7 +76,7 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
                            **(extra or {})},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"train-{job.run_name}",
-                             storage_path=cfg.training.storage_path or str(run_dir / "ray"),
+                             storage_path=cfg.training.storage_path or run_dir.ray_storage,
                              failure_config=FailureConfig(max_failures=cfg.training.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints)),
     )
@@ -83,14 +84,15 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
     ckpt: Checkpoint = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"[{job.run_name}] finished without a checkpoint")
-    out = run_dir / "training" / job.run_name
+    out = run_dir.training_run(job.run_name)
     with ckpt.as_directory() as d:
         d = Path(d)
         state = json.loads((d / STATE_FILE).read_text())
         history = [json.loads(line) for line in (d / HISTORY_FILE).read_text().splitlines() if line]
-        weights_dir = out / ("adapter" if job.lora else "model")
-        atomic_copytree(d / (ADAPTER_DIR if job.lora else FULL_MODEL_DIR), weights_dir)
-    write_parquet(out / "metrics.parquet", history)
+        weights_dir = storage.join(out, "adapter" if job.lora else "model")
+        storage.upload_dir(d / (ADAPTER_DIR if job.lora else FULL_MODEL_DIR), weights_dir)
+    metrics_path = storage.join(out, "metrics.parquet")
+    storage.write_parquet(metrics_path, history)
     # The paper's counters stop at convergence; under `faithful` training went on to the epoch's end.
     reported = state.get("converged_at") or state
     manifest = {
@@ -100,34 +102,34 @@ def fit(cfg: ExperimentConfig, run_dir: Path, job: TrainJob, extra: dict | None 
         "train_seconds": round(reported["train_seconds"], 3), "converged": state["converged"],
         "trained_steps": state["step"], "trained_data_points": state["data_points"],
         "final_val_score": state["val_history"][-1] if state["val_history"] else None,
-        ("adapter_path" if job.lora else "model_path"): str(weights_dir), "metrics_path": str(out / "metrics.parquet"),
+        ("adapter_path" if job.lora else "model_path"): weights_dir, "metrics_path": metrics_path,
         "ray_checkpoint": ckpt.path,
     }
-    atomic_write_json(mpath, manifest)
+    # Written last: on object storage, where a directory cannot be renamed into place, the
+    # manifest is what says the adapter above is complete.
+    storage.write_json(mpath, manifest)
     log.info("[%s] done: %d steps, %d data points, %.1f s, val %.4f", job.run_name, manifest["steps"],
              manifest["data_points"], manifest["train_seconds"], manifest["final_val_score"] or float("nan"))
     return manifest
 
 
-def train_all(cfg: ExperimentConfig, run_dir: Path, jobs: list[TrainJob], extra: dict | None = None) -> list[dict]:
+def train_all(cfg: ExperimentConfig, run_dir: RunDir, jobs: list[TrainJob], extra: dict | None = None) -> list[dict]:
     """Fit every job concurrently (one driver thread each; `fit()` blocks on its own trainer) and
     add them to the run directory's `training/manifest.json`, which the later stages read."""
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [pool.submit(fit, cfg, run_dir, job, extra) for job in jobs]
         manifests = [f.result() for f in futures]
-    path = run_dir / "training" / "manifest.json"
     done = {(m["name"], m["seed"]) for m in manifests}
-    earlier = json.loads(path.read_text())["runs"] if path.exists() else []
+    earlier = storage.read_json(run_dir.manifest)["runs"] if storage.is_file(run_dir.manifest) else []
     runs = [m for m in earlier if (m["name"], m["seed"]) not in done] + manifests
-    atomic_write_json(path, {"runs": runs})
+    storage.write_json(run_dir.manifest, {"runs": runs})
     return runs
 
 
-def read_manifest(run_dir: Path) -> list[dict]:
-    path = run_dir / "training" / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: train the run first (jobs/train_all.py)")
-    return json.loads(path.read_text())["runs"]
+def read_manifest(run_dir: RunDir) -> list[dict]:
+    if not storage.is_file(run_dir.manifest):
+        raise FileNotFoundError(f"{run_dir.manifest} does not exist: train the run first (jobs/train_all.py)")
+    return storage.read_json(run_dir.manifest)["runs"]
 
 
 def ensemble_adapters(cfg: ExperimentConfig, runs: list[dict]) -> dict[str, str]:
