@@ -266,9 +266,12 @@ class ExperimentConfig:
     output_dir: str = "runs"
     # Reproduce the authors' behaviour where it changes numbers (spec §10). Default: fixed.
     faithful: bool = False
-    # Before anything is deployed, check that every resource request fits on some node of the
-    # cluster (emorl_ray/placement.py). Turn off on autoscaling clusters whose GPU nodes start on demand.
+    # Before anything is deployed, check that what must run at the same time fits on the cluster's
+    # nodes, counting the nodes its autoscaler may start (emorl_ray/placement.py).
     check_resources: bool = True
+    # The autoscaler's node types: a Ray cluster launcher YAML or a KubeRay RayCluster manifest.
+    # Unset: the launcher's config on the head (~/ray_bootstrap_config.yaml) when there is one.
+    autoscaler_config: Optional[str] = None
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -445,7 +448,16 @@ def _parse_objectives(raw: Any) -> dict[str, ObjectiveConfig]:
 
 
 def _existing_file(value: str, path: str, base_dir: Path | None) -> str:
-    """An absolute path to an existing file; relative paths may be relative to the config file."""
+    """An absolute path to an existing file (relative paths may be relative to the config file),
+    or the URI of an existing object."""
+    if storage.is_uri(value):
+        _check(storage.check_location(value) is None, path, str(storage.check_location(value)))
+        try:
+            found = storage.is_file(value)
+        except OSError as e:  # no such bucket, no credentials, ...
+            raise ConfigError(path, f"cannot read {value!r}: {e}") from None
+        _check(found, path, f"{value!r} does not exist")
+        return storage.normalize(value)
     p = Path(value).expanduser()
     if not p.is_absolute() and base_dir is not None and not p.exists():
         p = base_dir / p
@@ -464,7 +476,8 @@ def _validate_data(d: DataConfig, prefix: str, base_dir: Path | None) -> None:
         _check(d.path is None, f"{prefix}.path",
                "the demo source ships its own data; remove `path` or set `source: file`")
     else:
-        _check(d.path is not None, f"{prefix}.path", f"source {d.source!r} needs a path to the data file")
+        _check(d.path is not None, f"{prefix}.path", f"source {d.source!r} needs the data file: add "
+               f"`--set {prefix}.path=/path/to/file` (a local path or a URI such as s3://bucket/pair.csv)")
         d.path = _existing_file(d.path, f"{prefix}.path", base_dir)
     if d.order_file is not None:
         _check(d.source == "pair", f"{prefix}.order_file", "only the PAIR reader uses a row-order file")

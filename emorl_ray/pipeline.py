@@ -82,20 +82,54 @@ def ray_session(apps: list[str]):
                     pass
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def check_inputs(cfg: ExperimentConfig):
+    """Everything that can fail on bad input, before Ray starts: the data reads and splits, the
+    model config loads (a GGUF is converted once, here in the driver), the run directory's place
+    takes a write. Returns the splits."""
     from emorl_ray.data import load_splits
-    from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.models import model_kind, resolve
+
+    splits = load_splits(cfg.data, cfg.faithful)
+    if cfg.evaluation.generalization is not None:
+        load_splits(cfg.evaluation.generalization, cfg.faithful)
+    model_kind(resolve(cfg.model.id, cfg.model.gguf_file, cfg.model.cache_dir), cfg.model)
+    probe = cfg.run_dir.file(".write-check")
+    try:
+        storage.write_text(probe, "emorl-ray can write here\n")
+        storage.remove_file(probe)
+    except OSError as e:
+        raise ConfigError("output_dir", f"cannot write the run directory {cfg.run_dir}: {e}; fix the path, "
+                          "the bucket or its credentials") from None
+    return splits
+
+
+def check(cfg: ExperimentConfig) -> dict:
+    """`jobs/train_all.py --check`: check_inputs, then the resource requests against the cluster
+    (joined, or a local Ray started and stopped for the check). Trains nothing."""
+    import ray
+
+    from emorl_ray.placement import check_cluster
+
+    splits = check_inputs(cfg)
+    started = connect_ray()
+    try:
+        checked = check_cluster(cfg)
+    finally:
+        if started:
+            ray.shutdown()
+    return {"config": "ok", "data": splits.sizes(), "model": cfg.model.id, "run_dir": str(cfg.run_dir),
+            "resumes": cfg.run_dir.exists(), "resources": checked}
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.search.run import run_search
     from emorl_ray.training.launch import baseline_jobs, baseline_runs, single_objective_jobs, train_all
 
     t_start = time.time()
-    # Everything that can fail on bad input fails here, before Ray starts.
-    splits = load_splits(cfg.data, cfg.faithful)
-    # Converts a GGUF once, here in the driver, and checks that the model config loads.
-    model_kind(resolve(cfg.model.id, cfg.model.gguf_file, cfg.model.cache_dir), cfg.model)
+    splits = check_inputs(cfg)
     run_dir = prepare_run_dir(cfg)
     storage.write_json(run_dir.file("data_split.json"), splits.summary())
 

@@ -1,13 +1,29 @@
 """What the job asks of the cluster, and whether the cluster can ever give it.
 
 Ray queues a request that no node can satisfy forever (a trainer "pending", a Serve replica never
-healthy). The job checks every request against the live nodes first and names the one that
-cannot fit, with the config field to change.
+healthy). Before anything is deployed the job checks, per phase, that what must run at the same
+time fits on the cluster's nodes together:
+
+- training: every scorer replica (they stay up for the whole job) beside one trainer's workers
+  (more trainers than fit simply queue);
+- search and evaluation: the scorers, the evaluator replicas and one Tune trial.
+
+The nodes are the live ones plus, on an autoscaling cluster, the nodes its autoscaler may start:
+the node types of the Ray cluster launcher's config (on the head at ~/ray_bootstrap_config.yaml,
+or named by `autoscaler_config`), or of a KubeRay RayCluster manifest, each up to its max count.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from emorl_ray.config import ConfigError, ExperimentConfig, ScalingConfig
+
+# Where `ray up` leaves the cluster's launcher config on the head node (the autoscaler reads it).
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+MAX_NODES_PER_TYPE = 64  # enough for any phase of one job; keeps the packing cheap
 
 
 def trainer_worker_request(sc: ScalingConfig) -> dict[str, float]:
@@ -20,6 +36,10 @@ def trainer_worker_request(sc: ScalingConfig) -> dict[str, float]:
 
 def _nonzero(req: dict) -> dict:
     return {k: v for k, v in req.items() if v}
+
+
+def _show(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(d.items())) + "}"
 
 
 def resource_requests(cfg: ExperimentConfig, objectives: list[str] | None = None,
@@ -40,31 +60,129 @@ def resource_requests(cfg: ExperimentConfig, objectives: list[str] | None = None
     return out
 
 
-def check_fits(requests: list[tuple[str, dict, int]], nodes: list[dict[str, float]]) -> None:
-    """Raise ConfigError for the first request no node can hold (or that the whole cluster cannot
-    hold `units` times over). `nodes`: each alive node's total resources."""
-    def show(d):
-        return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(d.items())) + "}"
+def phases(requests: list[tuple[str, dict, int]]) -> dict[str, list[tuple[str, dict, int]]]:
+    """What must run at the same time: the scorers throughout, one trainer while training, the
+    evaluator and one trial while searching."""
+    scorers = [r for r in requests if r[0].startswith("objectives.")]
+    by_field = {r[0]: r for r in requests}
+    out = {}
+    if "training.scaling" in by_field:
+        out["training"] = scorers + [by_field["training.scaling"]]
+    field, req, _ = by_field["search.trial_cpus"]
+    out["search"] = scorers + [by_field["search.evaluator_*"], (field, req, 1)]
+    return out
 
-    offered = "; ".join(show({k: v for k, v in n.items() if not k.startswith(("node:", "object_store", "memory"))})
-                        for n in nodes) or "none"
+
+def _pack(units: list[tuple[str, dict]], nodes: list[dict[str, float]]) -> str | None:
+    """First-fit decreasing of the units onto the nodes' free resources; the field of the first
+    unit that finds no room, or None when everything fits."""
+    free = [dict(n) for n in nodes]
+    order = sorted(units, key=lambda u: (-u[1].get("GPU", 0), -u[1].get("CPU", 0), -len(u[1])))
+    for field, req in order:
+        for n in free:
+            if all(n.get(k, 0) >= v - 1e-9 for k, v in req.items()):
+                for k, v in req.items():
+                    n[k] = n.get(k, 0) - v
+                break
+        else:
+            return field
+    return None
+
+
+def check_fits(requests: list[tuple[str, dict, int]], nodes: list[dict[str, float]],
+               where: str = "this cluster") -> dict[str, str]:
+    """Raise ConfigError naming the request that cannot fit: alone on any node, or beside what
+    must run with it. `nodes`: each node's total resources (live, or startable by the autoscaler)."""
+    nodes = [{k: v for k, v in n.items() if not k.startswith(("node:", "object_store", "memory"))} for n in nodes]
+    offered = "; ".join(_show(n) for n in nodes[:8]) + (f"; ... ({len(nodes)} nodes)" if len(nodes) > 8 else "")
+    offered = offered or "none"
     for field, req, units in requests:
         if not any(all(n.get(k, 0) >= v for k, v in req.items()) for n in nodes):
-            raise ConfigError(field, f"one unit asks for {show(req)}, but no node of this cluster has that much "
-                              f"(nodes: {offered}); lower the request, add a node that has it, or set "
-                              "check_resources: false if such nodes start on demand (autoscaling)")
+            raise ConfigError(field, f"one unit asks for {_show(req)}, but no node of {where} has that much "
+                              f"(nodes: {offered}); lower the request, add a node type that has it, or name the "
+                              "autoscaler's config in `autoscaler_config` if such nodes start on demand")
         for k, v in req.items():
             total = sum(n.get(k, 0) for n in nodes)
             if v * units > total + 1e-9:
-                raise ConfigError(field, f"needs {units} x {show(req)} at once, but the cluster has only "
+                raise ConfigError(field, f"needs {units} x {_show(req)} at once, but {where} has only "
                                   f"{total:g} {k} in all (nodes: {offered})")
+    verdict = {}
+    for phase, reqs in phases(requests).items():
+        units = [(field, req) for field, req, n in reqs for _ in range(n)]
+        stuck = _pack(units, nodes)
+        if stuck is not None:
+            together = "; ".join(f"{n} x {_show(r)} ({f})" for f, r, n in reqs)
+            raise ConfigError(stuck, f"does not fit beside what runs with it during {phase}: {together}; "
+                              f"the nodes of {where} ({offered}) cannot hold them all at once (scorers stay up for "
+                              "the whole job). Lower the requests, or add nodes")
+        verdict[phase] = "fits"
+    return verdict
 
 
-def check_cluster(cfg: ExperimentConfig, objectives: list[str] | None = None, training: bool = True) -> None:
-    """check_fits against the live Ray cluster (call after connecting)."""
+def node_types(config: dict) -> list[tuple[str, dict[str, float], int]]:
+    """(node type, resources of one node, how many the autoscaler may start) from a Ray cluster
+    launcher config (`available_node_types`) or a KubeRay RayCluster (`workerGroupSpecs`)."""
+    out = []
+    if "available_node_types" in config:
+        head = config.get("head_node_type")
+        for name, t in config["available_node_types"].items():
+            if name == head:
+                continue  # the head is alive already: it is among the live nodes
+            res = t.get("resources")
+            if not res:
+                raise ConfigError("autoscaler_config", f"node type {name!r} does not list its `resources`; add "
+                                  "them (e.g. {CPU: 96, GPU: 8}) so the job can plan for nodes not started yet")
+            out.append((name, {k: float(v) for k, v in res.items()},
+                        int(t.get("max_workers", config.get("max_workers", 0)))))
+    elif config.get("kind") == "RayCluster":
+        for g in config.get("spec", {}).get("workerGroupSpecs", []):
+            params = g.get("rayStartParams") or {}
+            limits = {}
+            for c in g.get("template", {}).get("spec", {}).get("containers", [])[:1]:
+                limits = (c.get("resources") or {}).get("limits") or {}
+            res = {"CPU": float(params.get("num-cpus", _k8s_cpus(limits.get("cpu", 0)))),
+                   "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+            if params.get("resources"):
+                res |= {k: float(v) for k, v in yaml.safe_load(params["resources"].strip("'\"")).items()}
+            out.append((g.get("groupName", "workers"), res, int(g.get("maxReplicas", g.get("replicas", 0)))))
+    else:
+        raise ConfigError("autoscaler_config", "neither a Ray cluster launcher config (available_node_types) "
+                          "nor a KubeRay RayCluster manifest (kind: RayCluster)")
+    return out
+
+
+def _k8s_cpus(v) -> float:
+    v = str(v)
+    return float(v[:-1]) / 1000 if v.endswith("m") else float(v or 0)
+
+
+def autoscaler_nodes(path: str | None) -> tuple[list[dict[str, float]], str | None]:
+    """The nodes the autoscaler may add (at most MAX_NODES_PER_TYPE of each type), and the file they
+    come from: `path`, else the launcher's config on this (head) node, else none."""
+    if path is None:
+        default = Path(LAUNCHER_CONFIG).expanduser()
+        if not default.is_file():
+            return [], None
+        path = str(default)
+    try:
+        config = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError("autoscaler_config", f"cannot read {path}: {e}") from None
+    nodes = []
+    for _, res, count in node_types(config or {}):
+        nodes += [dict(res) for _ in range(min(count, MAX_NODES_PER_TYPE))]
+    return nodes, path
+
+
+def check_cluster(cfg: ExperimentConfig, objectives: list[str] | None = None, training: bool = True) -> dict:
+    """check_fits against the live Ray cluster plus what its autoscaler may start (call after connecting)."""
     if not cfg.check_resources:
-        return
+        return {"checked": False}
     import ray
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_fits(resource_requests(cfg, objectives, training), nodes)
+    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    extra, source = autoscaler_nodes(cfg.autoscaler_config)
+    where = "this cluster" if not extra else f"this cluster with the nodes its autoscaler may start ({source})"
+    verdict = check_fits(resource_requests(cfg, objectives, training), live + extra, where)
+    return {"checked": True, "live_nodes": len(live), "autoscaler_nodes": len(extra), "autoscaler_config": source,
+            **verdict}

@@ -177,6 +177,17 @@ def write_parquet(location: str, rows: list[dict]) -> None:
     write_bytes(location, buf.getvalue())
 
 
+def remove_file(location: str) -> None:
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = _fs(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def remove_dir(location: str) -> None:
     if not is_uri(location):
         shutil.rmtree(location, ignore_errors=True)

@@ -8,6 +8,10 @@ Re-running with the same config resumes: finished trainings and search trials ar
 `--resume RUN_DIR` does the same from the run directory alone (after a killed driver, say):
 
     python jobs/train_all.py --resume runs/default
+
+`--check` validates the config, reads the data, loads the model's config, takes a test write in the
+run directory's place and checks the resource requests against the cluster (counting the nodes its
+autoscaler may start), then exits without training: 0 when the job can run, 2 with the field to fix.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR with the experiment saved there (its config.yaml); "
                         "finished trainings and search trials are kept")
+    p.add_argument("--check", action="store_true",
+                   help="check config, data, model, storage and resources, then exit without training")
     args = p.parse_args(argv)
     if args.resume:
         from emorl_ray.rundir import RunDir
@@ -47,9 +53,13 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
-    from emorl_ray.pipeline import run
+    from emorl_ray.pipeline import check, run
 
     try:
+        if args.check:
+            print(json.dumps(check(cfg), indent=2))
+            print("\nThe job can run: start it without --check.")
+            return 0
         summary = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -3,13 +3,16 @@ scheduling on one machine with `ray.cluster_utils.Cluster` (fake nodes with cust
 
 import json
 import socket
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import tiny_raw_config
 
 from emorl_ray.config import ConfigError, parse_config
 from emorl_ray.placement import check_fits, resource_requests
+from emorl_ray.rundir import RunDir
 
 NODES = [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 8.0, "trainer_node": 1.0}]
 
@@ -40,6 +43,57 @@ def test_a_request_that_can_never_fit_is_named(tiny_causal, tmp_path, change, fi
     with pytest.raises(ConfigError) as e:
         check_fits(resource_requests(parse_config(raw)), NODES)
     assert e.value.path == field and words in str(e.value) and "GPU: 8" in str(e.value)
+
+
+def test_what_runs_together_must_fit_together(tiny_causal, tmp_path):
+    """Two 1-GPU scorers and a 1-GPU trainer each fit a 1-GPU node alone, but the scorers stay up
+    while the trainer runs: refused, naming the phase. Two such nodes are not enough either; three are."""
+    raw = tiny_raw_config(tiny_causal, tmp_path)
+    raw["training"]["scaling"].update(use_gpu=True, gpus_per_worker=1)
+    for o in raw["objectives"].values():
+        o["scorer"]["num_gpus"] = 1
+    requests = resource_requests(parse_config(raw))
+    one_gpu = {"CPU": 4.0, "GPU": 1.0}
+    for nodes in ([one_gpu], [one_gpu, one_gpu]):
+        with pytest.raises(ConfigError, match="during training") as e:
+            check_fits(requests, nodes)
+        assert e.value.path in ("training.scaling", "objectives.overlap.scorer", "objectives.brevity.scorer")
+    assert check_fits(requests, [one_gpu] * 3) == {"training": "fits", "search": "fits"}
+    raw["search"]["evaluator_gpus"] = 1  # while searching: 2 scorers + the evaluator
+    with pytest.raises(ConfigError, match="during search"):
+        check_fits(resource_requests(parse_config(raw), training=False), [one_gpu] * 2 + [{"CPU": 4.0}])
+
+
+@pytest.mark.parametrize("manifest, gpu_nodes", [("cluster/aws-gpu.yaml", 4), ("cluster/gcp-gpu.yaml", 4),
+                                                 ("cluster/kuberay/raycluster.yaml", 4)])
+def test_autoscaling_clusters_count_the_nodes_they_may_start(tiny_causal, tmp_path, manifest, gpu_nodes):
+    """Only the CPU head is alive; the GPU workers start on demand. A GPU request is planned against
+    the node types of the shipped cluster files, and refused without them."""
+    from emorl_ray.placement import autoscaler_nodes
+
+    root = Path(__file__).resolve().parents[1]
+    nodes, source = autoscaler_nodes(str(root / manifest))
+    assert source.endswith(manifest) and len(nodes) == gpu_nodes
+    assert all(n["GPU"] == 8 and n["CPU"] >= 90 for n in nodes)
+    raw = tiny_raw_config(tiny_causal, tmp_path)
+    raw["training"]["scaling"].update(use_gpu=True, num_workers=8)
+    requests = resource_requests(parse_config(raw))
+    head = [{"CPU": 8.0}]
+    with pytest.raises(ConfigError, match="no node of this cluster"):
+        check_fits(requests, head)
+    assert check_fits(requests, head + nodes)["training"] == "fits"
+
+
+def test_autoscaler_config_must_name_node_resources(tmp_path):
+    from emorl_ray.placement import autoscaler_nodes
+
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"head_node_type": "h", "available_node_types": {
+        "h": {"resources": {"CPU": 4}}, "gpu": {"max_workers": 2, "node_config": {}}}}))
+    with pytest.raises(ConfigError, match="node type 'gpu' does not list its `resources`"):
+        autoscaler_nodes(str(f))
+    with pytest.raises(ConfigError, match="cannot read"):
+        autoscaler_nodes(str(tmp_path / "missing.yaml"))
 
 
 def test_custom_resources_must_be_custom(tiny_causal, tmp_path):
@@ -89,7 +143,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
                     if "emorl-scorer" in (a.class_name or "")]
         assert len(replicas) == 2 and {a.node_id for a in replicas} == {scorer_node.node_id}
 
-        manifests = train_all(cfg, tmp_path / "run", single_objective_jobs(cfg))
+        manifests = train_all(cfg, RunDir.at(tmp_path / "run"), single_objective_jobs(cfg))
         where = {}
         for m in manifests:
             rows = [r for r in pq.read_table(m["metrics_path"]).to_pylist() if r["kind"] == "val"]

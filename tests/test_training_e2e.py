@@ -5,6 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from emorl_ray.rundir import RunDir
+
 pytestmark = pytest.mark.e2e
 
 
@@ -33,9 +35,9 @@ def test_killed_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_path
 
     cfg = ray_with_scorers
     job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
-    clean = fit(cfg, tmp_path / "clean", job)
+    clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
     marker = tmp_path / "failed-once"
-    failed = fit(cfg, tmp_path / "failed", job, extra={"fail_at_step": 3, "fail_marker": str(marker)})
+    failed = fit(cfg, RunDir.at(tmp_path / "failed"), job, extra={"fail_at_step": 3, "fail_marker": str(marker)})
     assert marker.exists()  # the failure really happened
     for key in ("steps", "data_points", "final_val_score", "converged"):
         assert failed[key] == clean[key], key
@@ -53,10 +55,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers
 
     cfg = ray_with_scorers
     job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
-    clean = fit(cfg, tmp_path / "clean", job)
+    clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
     marker = tmp_path / "failed-once"
     storage = tmp_path / "failed" / "ray" / f"train-{job.run_name}"
-    failed = fit(cfg, tmp_path / "failed", job, extra={"fail_at_step": 4, "fail_marker": str(marker),
+    failed = fit(cfg, RunDir.at(tmp_path / "failed"), job, extra={"fail_at_step": 4, "fail_marker": str(marker),
                                                        "corrupt_latest_checkpoint_in": str(storage)})
     assert marker.exists()
     for key in ("steps", "data_points", "final_val_score", "converged"):
@@ -76,10 +78,10 @@ def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_pa
 
     cfg = ray_with_scorers
     job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
-    clean = fit(cfg, tmp_path / "clean", job)
+    clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
     before = serve_replicas(app_name("overlap"))
     marker = tmp_path / "killed-once"
-    killed = fit(cfg, tmp_path / "killed", job, extra={"kill_scorers_at_step": 2, "kill_marker": str(marker)})
+    killed = fit(cfg, RunDir.at(tmp_path / "killed"), job, extra={"kill_scorers_at_step": 2, "kill_marker": str(marker)})
     assert marker.exists()
     after = serve_replicas(app_name("overlap"))
     assert len(after) == len(before) and not set(after) & set(before)  # replaced, not the same actors
@@ -94,11 +96,11 @@ def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tm
     from emorl_ray.training.launch import single_objective_jobs, train_all
 
     cfg = ray_with_scorers
-    manifests = train_all(cfg, tmp_path, single_objective_jobs(cfg))
+    manifests = train_all(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))
     assert {m["name"] for m in manifests} == {"overlap", "brevity"}
     runs = json.loads((tmp_path / "training" / "manifest.json").read_text())["runs"]
     assert runs == manifests
-    again = train_all(cfg, tmp_path, single_objective_jobs(cfg))  # finished runs are not redone
+    again = train_all(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))  # finished runs are not redone
     assert again == manifests
 
 
@@ -149,7 +151,7 @@ def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers
 
     cfg = _config(ray_with_scorers, **{"baselines.methods": ["uniform", "dynaopt"], "baselines.full_finetune": True,
                                        "training.max_steps": 4})
-    runs = {m["name"]: m for m in train_all(cfg, tmp_path, baseline_jobs(cfg))}
+    runs = {m["name"]: m for m in train_all(cfg, RunDir.at(tmp_path), baseline_jobs(cfg))}
     assert set(runs) == {"uniform", "dynaopt"}
     for m in runs.values():
         assert not m["lora"] and m["steps"] == 4 and m["data_points"] == 8
@@ -168,7 +170,7 @@ def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.training.launch import ensemble_adapters, single_objective_jobs
 
-    adapters = ensemble_adapters(cfg, train_all(cfg, tmp_path, single_objective_jobs(cfg)))
+    adapters = ensemble_adapters(cfg, train_all(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg)))
     deploy_evaluator(cfg, adapters)
     try:
         handle = serve.get_app_handle(APP_NAME)
@@ -188,7 +190,7 @@ def test_two_workers_train_one_adapter_with_ddp(ray_with_scorers, tmp_path):
     # Checkpoints through a storage URI (file:// here; s3:// or gs:// on a cluster).
     cfg = _config(ray_with_scorers, **{"training.scaling.num_workers": 2, "training.scaling.cpus_per_worker": 0.25,
                                        "training.max_steps": 2, "training.storage_path": f"file://{tmp_path}/store"})
-    m = fit(cfg, tmp_path, TrainJob("overlap", {"overlap": 1.0}, seed=0))
+    m = fit(cfg, RunDir.at(tmp_path), TrainJob("overlap", {"overlap": 1.0}, seed=0))
     assert m["steps"] == 2 and m["data_points"] == 2 * 2 * 2  # steps x batch x workers
     rows = pq.read_table(m["metrics_path"]).to_pylist()
     assert [r["step"] for r in rows if r["kind"] == "val"] == [2]
@@ -202,7 +204,7 @@ def test_faithful_training_runs_on_to_the_end_of_the_epoch(ray_with_scorers, tmp
 
     cfg = _config(ray_with_scorers, **{"faithful": True, "data.limit": 20, "training.max_steps": 30,
                                        "training.convergence": {"window": 2, "threshold": 100.0}})
-    m = fit(cfg, tmp_path, TrainJob("brevity", {"brevity": 1.0}, seed=0))
+    m = fit(cfg, RunDir.at(tmp_path), TrainJob("brevity", {"brevity": 1.0}, seed=0))
     # 20 rows -> 16 training prompts -> 8 steps an epoch at batch 2; converged at the 2nd validation.
     assert m["converged"] and (m["steps"], m["data_points"]) == (4, 8)
     assert (m["trained_steps"], m["trained_data_points"]) == (8, 16)

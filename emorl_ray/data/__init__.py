@@ -7,6 +7,7 @@ source has one (for reports only). Every dropped row is counted and logged, neve
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import datasets
 
+from emorl_ray import storage
 from emorl_ray.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
@@ -261,6 +263,9 @@ def split(rows: list[dict], cfg: DataConfig, file_order: bool = False) -> Splits
 def load_splits(cfg: DataConfig, faithful: bool = False) -> Splits:
     """`faithful` changes only PAIR: the authors' records and file-order split (spec §1.2)."""
     authors_pair = faithful and cfg.source == "pair"
+    if cfg.path is not None and storage.is_uri(cfg.path):  # data on object storage: read a local copy
+        cfg = dataclasses.replace(cfg, path=storage.local_file(cfg.path),
+                                  order_file=cfg.order_file and storage.local_file(cfg.order_file))
     if cfg.source == "demo":
         raw = read_demo()
     elif cfg.source == "pair":
