@@ -1,6 +1,7 @@
 """Ray Train runs of the k-SCST loop on a tiny model: concurrency and recovery from a failure."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,20 +29,54 @@ def ray_with_scorers(tiny_causal, tmp_path_factory):
     ray.shutdown()
 
 
-def test_killed_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_path):
-    """A worker failing at step 3 restarts from the step-2 checkpoint; nothing is counted twice,
-    and since sampling is seeded per step the resumed run equals the uninterrupted one."""
+def _train_worker_pids() -> list[int]:
+    """Processes of Ray Train workers on this host (Ray titles them `ray::RayTrainWorker...`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_sigkilled_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_path):
+    """SIGKILL the training worker's process once it has saved a checkpoint: Ray Train restarts the
+    worker, the loop resumes from that checkpoint, nothing is counted twice, and since sampling is
+    seeded per step the resumed run equals the uninterrupted one."""
+    import copy
+    import os
+    import signal
+    import threading
+    import time
+
     from emorl_ray.training.launch import TrainJob, fit
 
-    cfg = ray_with_scorers
+    cfg = copy.deepcopy(ray_with_scorers)
+    cfg.training.max_steps = 8  # time to be killed in the middle
     job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
     clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
-    marker = tmp_path / "failed-once"
-    failed = fit(cfg, RunDir.at(tmp_path / "failed"), job, extra={"fail_at_step": 3, "fail_marker": str(marker)})
-    assert marker.exists()  # the failure really happened
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(m=fit(cfg, RunDir.at(tmp_path / "killed"), job)))
+    runner.start()
+    storage = tmp_path / "killed" / "ray" / f"train-{job.run_name}"
+    killed = []
+    deadline = time.time() + 300
+    while not killed and runner.is_alive() and time.time() < deadline:
+        if any(storage.glob("checkpoint_*")):
+            killed = _train_worker_pids()
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert killed, "the run ended before its worker could be killed"
+    assert all(not Path(f"/proc/{pid}").exists() for pid in killed)
+    failed = result["m"]
     for key in ("steps", "data_points", "final_val_score", "converged"):
         assert failed[key] == clean[key], key
-    assert clean["steps"] == 5 and clean["data_points"] == 10
+    assert clean["steps"] == 8 and clean["data_points"] == 16
     a = pq.read_table(clean["metrics_path"]).to_pylist()
     b = pq.read_table(failed["metrics_path"]).to_pylist()
     assert [r["step"] for r in a] == [r["step"] for r in b]  # no step logged twice
@@ -90,6 +125,35 @@ def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_pa
     a = pq.read_table(clean["metrics_path"]).to_pylist()
     b = pq.read_table(killed["metrics_path"]).to_pylist()
     assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
+    assert all(r["scorer_retries"] == 0 for r in b if r["kind"] == "train")  # the router went to the new replica
+
+
+def test_a_call_interrupted_by_a_lost_replica_is_retried_and_counted(ray_with_scorers):
+    """A scorer replica dies while it is scoring a call: the call fails, `ServeRewards` resends it
+    to the replica Serve starts instead, and counts the retry (the training loop logs the count)."""
+    import dataclasses
+    import threading
+    import time
+
+    from emorl_ray.config import ScorerConfig
+    from emorl_ray.rewards.serve import ServeRewards, app_name, deploy_scorers, kill_serve_replicas, serve_replicas
+
+    cfg = dataclasses.replace(ray_with_scorers, objectives={**ray_with_scorers.objectives})
+    cfg.objectives["slow"] = dataclasses.replace(
+        cfg.objectives["overlap"],
+        scorer=ScorerConfig(type="python", function="emorl_ray.rewards.toy:slow_word_overlap", num_cpus=0.05))
+    deploy_scorers(cfg, ["slow"])
+    rewards = ServeRewards(["slow"], retries=3)
+    prompts, responses = ["I feel stuck at work"] * 4, ["stuck at work", "no", "I feel", "work work"]
+    result = {}
+    call = threading.Thread(target=lambda: result.update(s=rewards.score_all(prompts, responses)))
+    before = serve_replicas(app_name("slow"))
+    call.start()
+    time.sleep(0.5)  # the replica is inside its 1.5 s call
+    kill_serve_replicas([app_name("slow")])
+    call.join(timeout=120)
+    assert rewards.retried >= 1 and not set(serve_replicas(app_name("slow"))) & set(before)
+    assert result["s"] == {"slow": [1.0, 0.0, 1.0, 1.0]}
 
 
 def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tmp_path):

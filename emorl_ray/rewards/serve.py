@@ -84,6 +84,7 @@ class ServeRewards:
         self._objectives = list(objectives)
         self.timeout_s = timeout_s
         self.retries = retries
+        self.retried = 0  # calls resent after a failure (a replica lost mid-call); logged per step
         self._handles = {}
 
     @property
@@ -120,6 +121,7 @@ class ServeRewards:
                 except Exception as e:  # a replica died mid-call: Serve restarts it, we resend
                     if attempt == self.retries or isinstance(e, ScorerError):
                         raise
+                    self.retried += 1
                     log.warning("scorer %r call failed (%s); retrying", o, e)
                     time.sleep(2 ** attempt)  # give Serve's controller time to replace the replica
                     resp = self._call(o, prompts, responses)

@@ -15,6 +15,14 @@ def word_overlap(prompts: list[str], responses: list[str]) -> list[float]:
     return out
 
 
+def slow_word_overlap(prompts: list[str], responses: list[str]) -> list[float]:
+    """`word_overlap` taking 1.5 s a call: long enough to lose a scorer replica mid-call in tests."""
+    import time
+
+    time.sleep(1.5)
+    return word_overlap(prompts, responses)
+
+
 def brevity(prompts: list[str], responses: list[str], target: int = 4) -> list[float]:
     """1 for responses of `target` words, falling linearly to 0 at 4x the target."""
     return [max(0.0, 1.0 - abs(len(r.split()) - target) / (3 * target)) for r in responses]

@@ -234,7 +234,8 @@ def train_loop_per_worker(config: dict) -> None:
                           gen_model=model, scaler=scaler)
         state["step"] = step + 1
         state["data_points"] += t.batch_size * world
-        row = {"kind": "train", "step": state["step"], "data_points": state["data_points"], **stats}
+        row = {"kind": "train", "step": state["step"], "data_points": state["data_points"], **stats,
+               "scorer_retries": rewards.retried}
 
         # The last step is always validated, so the saved adapter is the one last validated.
         validate = state["step"] % t.val_every == 0 or finished()
