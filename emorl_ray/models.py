@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from emorl_ray import storage
 from emorl_ray.config import ConfigError, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def resolve(ref: str, gguf_file: str | None = None, cache_dir: str | None = None
             return str(package_model_dir(dist))
         gguf = ggufs[0]
         return str(_convert_gguf(gguf.parent, gguf.name, cache_dir, key=f"{dist}-{gguf.stem}"))
+    if storage.is_uri(ref):  # a model on object storage (e.g. a scorer the job trained): a local copy
+        ref = storage.local_dir(ref, cache_dir)
     if gguf_file is not None:
         return str(_convert_gguf(Path(ref).expanduser(), gguf_file, cache_dir, key=Path(gguf_file).stem))
     return ref

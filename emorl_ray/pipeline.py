@@ -103,6 +103,35 @@ def check_inputs(cfg: ExperimentConfig):
     return splits
 
 
+def trained_scorers(cfg: ExperimentConfig, train: bool = True) -> dict[str, str]:
+    """The scorers the job trains itself (`train_if_missing`): point each at its model, at
+    <run>/scorers/<objective> unless `model` names a place, and train those not there yet, each as
+    a Ray task with its scorer's resources (`train`; else a missing one is an error)."""
+    import ray
+
+    from emorl_ray.rewards.train_reflection import train_pair_scorer
+
+    out = {}
+    for o in cfg.objective_names:
+        sc = cfg.objectives[o].scorer
+        if not sc.train_if_missing:
+            continue
+        sc.model = sc.model or cfg.run_dir.file("scorers", o)
+        if storage.is_file(storage.join(sc.model, "config.json")):
+            out[o] = sc.model
+            continue
+        if not train:
+            raise ConfigError(f"objectives.{o}.scorer.model", f"{sc.model} holds no trained scorer; resume the "
+                              "run with jobs/train_all.py, which trains it first")
+        log.info("training the %s scorer on %s into %s (train_if_missing)", o, cfg.data.path, sc.model)
+        task = ray.remote(train_pair_scorer).options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus,
+                                                     resources=sc.resources)
+        ray.get(task.remote(cfg.data.path, sc.model, split_seed=cfg.data.split.seed, epochs=sc.train_epochs,
+                            seed=cfg.seed, device="cuda" if sc.num_gpus > 0 else "cpu"))
+        out[o] = sc.model
+    return out
+
+
 def check(cfg: ExperimentConfig) -> dict:
     """`jobs/train_all.py --check`: check_inputs, then the resource requests against the cluster
     (joined, or a local Ray started and stopped for the check). Trains nothing."""
@@ -136,6 +165,9 @@ def run(cfg: ExperimentConfig) -> dict:
     timings = {}
     with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
         check_cluster(cfg)  # a request no node can hold would wait forever: say which, now
+        t = time.time()
+        trained_scorers(cfg)
+        timings["train_scorers_s"] = time.time() - t
         t = time.time()
         deploy_scorers(cfg)
         timings["deploy_scorers_s"] = time.time() - t
@@ -225,6 +257,7 @@ def evaluate_run(location: str, overrides: dict | None = None) -> dict:
     t = time.time()
     with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
         check_cluster(cfg, training=False)
+        trained_scorers(cfg, train=False)
         deploy_scorers(cfg)
         deploy_evaluator(cfg, evaluator_adapters(cfg, manifests))
         report = evaluate_and_report(cfg, run_dir, data_summary, manifests, search,
@@ -261,6 +294,7 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
                           f"{objectives}; start from a copy of {saved} and add the objective(s)")
     with ray_session([app_name(o) for o in objectives]):
         check_cluster(cfg, objectives)
+        trained_scorers(cfg)
         deploy_scorers(cfg, objectives)
         runs = train_all(cfg, run_dir, single_objective_jobs(cfg, objectives))
     storage.write_text(saved, yaml.safe_dump(new, sort_keys=False))

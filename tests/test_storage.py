@@ -131,3 +131,55 @@ def test_config_and_adapters_load_from_s3(s3_bucket, tiny_causal, tmp_path, monk
     assert any((tmp_path / "cache" / "remote").iterdir())  # read from this node's copy
     with pytest.raises(ValueError, match="holds no adapter_config.json"):
         AdapterEnsemble(Policy(cfg.model), {"a": run.file("training", "missing", "adapter")})
+
+
+def _pair_csv(path: Path, n: int = 24) -> str:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "hq1", "hq2", "mq1", "lq1", "lq2", "lq3", "lq4", "lq5"])
+        for i in range(n):
+            topic = ["work", "my sister", "sleep", "money", "school", "my dog"][i % 6]
+            w.writerow([f"I keep worrying about {topic}, case {i}.", f"It sounds like {topic} weighs on you a lot.",
+                        f"You feel worried about {topic}.", f"{topic} is on your mind.", "Why not relax?",
+                        "Have you tried yoga?", "That is not a big deal.", "Just stop it.", "Okay."])
+    return str(path)
+
+
+@pytest.mark.e2e
+def test_the_job_trains_a_missing_scorer_once_into_the_run_directory(s3_bucket, tiny_causal, tmp_path, monkeypatch):
+    """`train_if_missing`: the PAIR-style scorer is trained by the job (a Ray task) into
+    <run>/scorers/<objective> on S3, found there on the next run, and loaded by the scorer."""
+    import ray
+    from conftest import start_local_ray
+
+    from emorl_ray.pipeline import trained_scorers
+    from emorl_ray.rewards import build_scorer
+
+    monkeypatch.setenv("EMORL_CACHE", str(tmp_path / "cache"))
+    raw = tiny_raw_config(tiny_causal, s3_bucket + "/runs")
+    raw["data"] = {"source": "pair", "path": _pair_csv(tmp_path / "pair.csv"), "max_val": 4, "max_test": 4}
+    raw["objectives"]["reflection"] = {"scorer": {"type": "cross_encoder", "train_if_missing": True,
+                                                  "train_epochs": 1, "num_cpus": 0.5}}
+    cfg = parse_config(raw)
+    with pytest.raises(ConfigError, match="holds no trained scorer"):
+        trained_scorers(parse_config(raw), train=False)
+    start_local_ray(runtime_env={"env_vars": {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}})
+    try:
+        assert trained_scorers(cfg) == {"reflection": cfg.run_dir.file("scorers", "reflection")}
+        where = cfg.run_dir.file("scorers", "reflection")
+        metrics = storage.read_json(storage.join(where, "scorer_metrics.json"))
+        assert metrics["epochs"] == 1 and metrics["train_prompts"] > 0
+        stamp = storage.listdir(where)
+        again = parse_config(raw)
+        assert trained_scorers(again) == {"reflection": where} and storage.listdir(where) == stamp  # not retrained
+    finally:
+        ray.shutdown()
+    scorer = build_scorer(again.objectives["reflection"].scorer, again.model)
+    scores = scorer(["I keep worrying about work."] * 2, ["It sounds like work weighs on you.", "Okay."])
+    assert all(0 <= s <= 1 for s in scores)
+    bad = dict(raw, data={"source": "demo"})
+    with pytest.raises(ConfigError, match="needs `data.source: pair`") as e:
+        parse_config(bad)
+    assert e.value.path == "objectives.reflection.scorer.train_if_missing"

