@@ -105,7 +105,8 @@ def main() -> int:
           "val score | test average (greedy) |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         test = "-" if r["test_average"] is None else f"{r['test_average']:.4f}"
-        print(f"| {r['method']} | {r['runs']} | {r['data_points']} | {r['train_seconds']} | {r['slowest_run_seconds']} | "
+        print(f"| {r['method']} | {r['runs']} | {r['data_points']} | {r['train_seconds']} | "
+              f"{r['slowest_run_seconds']} | "
               f"{r['converged_runs']}/{r['runs']} | {r['val_score']:.4f} | {test} |")
     print(json.dumps({r["method"]: {k: r[k] for k in ("data_points", "train_seconds", "converged", "val_score",
                                                       "test_average")} for r in rows}))

@@ -175,7 +175,8 @@ def main() -> int:
             if name == "reference" and ref is None:
                 continue
             fn(prompts, 4)  # warm-up: first-call allocations and lazy initialisation
-            times = [timed(lambda: fn(prompts), args.device) for _ in range(args.repeats if name != "reference" else 1)]
+            repeats = args.repeats if name != "reference" else 1
+            times = [timed(lambda fn=fn, prompts=prompts: fn(prompts), args.device) for _ in range(repeats)]
             secs = min(t for t, _ in times)
             steps = times[0][1]
             row[f"{name}_tok_s"] = round(b * steps / secs, 1)

@@ -157,7 +157,8 @@ def main(argv=None) -> int:
         results = {"ours (k-SCST)": ours(path, prompts, args), f"TRL {trl_pkg.__version__} RLOOTrainer": trl(
             path, prompts, args, tmp)}
     a, b = results.values()
-    out = {"model": args.model, "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "batch": args.batch, "k": args.k, "max_new_tokens": args.max_new_tokens,
+    out = {"model": args.model, "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "batch": args.batch,
+           "k": args.k, "max_new_tokens": args.max_new_tokens,
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
            "results": results, "ratio_ours_over_trl": a["samples_per_s"] / b["samples_per_s"],
            "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)}

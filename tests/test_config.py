@@ -73,7 +73,8 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r.update(baselines={"dynaopt_gamma": 0.0}), "baselines.dynaopt_gamma", "(0, 1]"),
     (lambda r: r["objectives"]["overlap"].update(scorer={"type": "cross_encoder"}), "objectives.overlap.scorer.model",
      "sequence-classification"),
-    (lambda r: r["objectives"]["overlap"].update(scorer={"type": "cross_encoder", "model": "org/x", "input": "response"}),
+    (lambda r: r["objectives"]["overlap"].update(
+        scorer={"type": "cross_encoder", "model": "org/x", "input": "response"}),
      "objectives.overlap.scorer.input", "pairs"),
     (lambda r: r["data"].update(order_file="/nonexistent.csv"), "data.order_file", "PAIR"),
     (lambda r: r["training"].update(storage_path="relative/dir"), "training.storage_path", "URI"),
@@ -140,7 +141,8 @@ def test_pair_smollm2_config_takes_the_data_paths(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config("configs/pair_smollm2.yaml", {"data.path": str(data)})
     assert e.value.path == "evaluation.generalization.path"
-    cfg = load_config("configs/pair_smollm2.yaml", {"data.path": str(data), "evaluation.generalization.path": str(data)})
+    cfg = load_config("configs/pair_smollm2.yaml",
+                      {"data.path": str(data), "evaluation.generalization.path": str(data)})
     assert cfg.objectives["reflection"].scorer.train_if_missing and cfg.objectives["reflection"].scorer.model is None
     assert cfg.search.compare_aggregations == ["logit", "parameter"] and cfg.baselines.methods == ["uniform", "dynaopt"]
     assert cfg.evaluation.generalization.source == "annomi"

@@ -11,7 +11,8 @@ from emorl_ray.rewards import LocalRewards
 from emorl_ray.rewards.toy import vowel_start
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available())")]
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA device (torch.cuda.is_available())")]
 
 PROMPTS = ["I feel stuck at work", "My dog died last week", "Nobody listens to me", "I can't sleep"]
 

@@ -116,7 +116,8 @@ def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_pa
     clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
     before = serve_replicas(app_name("overlap"))
     marker = tmp_path / "killed-once"
-    killed = fit(cfg, RunDir.at(tmp_path / "killed"), job, extra={"kill_scorers_at_step": 2, "kill_marker": str(marker)})
+    killed = fit(cfg, RunDir.at(tmp_path / "killed"), job,
+                 extra={"kill_scorers_at_step": 2, "kill_marker": str(marker)})
     assert marker.exists()
     after = serve_replicas(app_name("overlap"))
     assert len(after) == len(before) and not set(after) & set(before)  # replaced, not the same actors

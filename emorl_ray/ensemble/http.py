@@ -77,7 +77,8 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
     except WeightError as e:
         raise BadRequest(422, str(e)) from None
     settings = {
-        "max_new_tokens": _number(body, "max_new_tokens", min(64, limits.max_new_tokens), int, 1, limits.max_new_tokens),
+        "max_new_tokens": _number(body, "max_new_tokens", min(64, limits.max_new_tokens), int, 1,
+                                  limits.max_new_tokens),
         "greedy": _number(body, "greedy", True, bool, 0, 1),
         "temperature": _number(body, "temperature", 1.0, float, 1e-3, 100.0),
         "top_k": _number(body, "top_k", 0, int, 0, 1_000_000),

@@ -26,7 +26,8 @@ class ReferenceEnsemble:
 
         self.policy = policy
         self.names = list(adapters)
-        self.models = [PeftModel.from_pretrained(copy.deepcopy(policy.model), storage.local_dir(adapters[n])).merge_and_unload().eval()
+        self.models = [PeftModel.from_pretrained(copy.deepcopy(policy.model), storage.local_dir(adapters[n]))
+                       .merge_and_unload().eval()
                        for n in self.names]
 
     @torch.no_grad()

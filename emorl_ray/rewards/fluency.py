@@ -65,7 +65,7 @@ class PerplexityFluency:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
             attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-            lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+            lab = torch.tensor([lb + [-100] * (width - len(lb)) for lb in labels])
             logits = self.model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
             lab = lab[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab.clamp(min=0), reduction="none")

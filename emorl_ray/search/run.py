@@ -116,7 +116,8 @@ def run_search(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
         w = [p[f"w/{o}"] for o in objectives]
         used = weights_used(w, objectives, aggregation) if sum(w) > 0 else dict.fromkeys(objectives, 0.0)
         p.update({f"used/{o}": used[o] for o in objectives})
-    result = {"aggregation": aggregation, "parameterization": se.parameterization, "levels": se.levels, "trials": len(points),
+    result = {"aggregation": aggregation, "parameterization": se.parameterization, "levels": se.levels,
+              "trials": len(points),
               "failed_trials": len(points) - len(scored), "best_score": best["score"],
               "best_weights": {o: best[f"w/{o}"] for o in objectives},
               "best_weights_used": {o: best[f"used/{o}"] for o in objectives},

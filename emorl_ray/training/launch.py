@@ -2,7 +2,8 @@
 
 The runs are EMORL's single-objective ones, one per (objective, seed), and the single-policy
 baselines (Uniform, DynaOpt) per seed. Ray starts each trainer as soon as the cluster has room for
-it, so more runs than fit at once simply queue. A run is named `<objective or baseline>-s<seed>`; re-running with the same run directory resumes unfinished
+it, so more runs than fit at once simply queue. A run is named `<objective or baseline>-s<seed>`;
+re-running with the same run directory resumes unfinished
 runs from their last checkpoint (Train V2 finds them by `RunConfig(name, storage_path)`) and
 skips finished ones (their manifest exists).
 """

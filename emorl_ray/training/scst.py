@@ -238,12 +238,12 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
 
 
 def kl_to_base(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
-               temperature: float, amp=contextlib.nullcontext()) -> torch.Tensor:
+               temperature: float, amp=None) -> torch.Tensor:
     """Per-token k3 KL from the policy to the adapter-free base, both at the sampling temperature
     and untruncated (top-k/top-p would leave the base -inf on tokens the policy sampled). Gradient
     through the policy's `logits` only; the base forward runs in the caller's mode (eval: no dropout)."""
     warm = SamplingConfig(temperature=temperature)
-    with torch.no_grad(), _adapter_disabled(model), amp:
+    with torch.no_grad(), _adapter_disabled(model), amp or contextlib.nullcontext():
         ref = token_logprobs(response_logits(policy, model, enc, ids, mask), ids, mask, warm)
     return kl_penalty(token_logprobs(logits, ids, mask, warm), ref, mask)
 
