@@ -55,11 +55,14 @@ def main(argv=None) -> int:
     from emorl_ray.ensemble.http import deploy_http
     from emorl_ray.pipeline import connect_ray
 
+    searched = run_dir.file("search", "result.json")
+    default_weights = storage.read_json(searched)["best_weights"] if storage.is_file(searched) else None
     connect_ray()
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
-    deploy_http(cfg, adapters)
-    url = f"http://{cfg.serving.host}:{cfg.serving.port}{cfg.serving.route_prefix}/generate"
-    print(f"ensemble of {list(adapters)} serving at {url}", flush=True)
+    deploy_http(cfg, adapters, default_weights)
+    base = f"http://{cfg.serving.host}:{cfg.serving.port}{cfg.serving.route_prefix}"
+    print(f"ensemble of {list(adapters)} serving at {base}/generate and, OpenAI-shaped, at {base}/v1 "
+          f"(model {cfg.name!r})", flush=True)
     try:
         while True:
             time.sleep(3600)

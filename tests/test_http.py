@@ -49,6 +49,54 @@ def test_bad_requests_name_the_field(body, status, words):
     assert e.value.status == status and words in e.value.message
 
 
+OPENAI_LIMITS = ServingConfig(max_prompts=4, max_prompt_chars=50, max_new_tokens=16)
+
+
+def _chat(**fields):
+    return {"model": "tiny", "messages": [{"role": "user", "content": "I feel stuck"}], **fields}
+
+
+def test_openai_requests_parse():
+    from emorl_ray.ensemble.openai_api import parse
+
+    prompt, w, s, n, stop = parse(_chat(weights={"overlap": 1, "brevity": 3}, max_tokens=5, temperature=0, n=2,
+                                        stop="."), "chat", "tiny", NAMES, OPENAI_LIMITS, None)
+    assert (prompt, w, n, stop) == ("I feel stuck", [1.0, 3.0], 2, ["."])
+    assert s["greedy"] and s["max_new_tokens"] == 5
+    _, w, s, _, _ = parse({"model": "tiny", "prompt": "hi", "temperature": 0.7, "top_p": 0.9, "seed": 4},
+                          "completion", "tiny", NAMES, OPENAI_LIMITS, [0.5, 0.5])
+    assert w == [0.5, 0.5] and not s["greedy"] and (s["temperature"], s["top_p"], s["seed"]) == (0.7, 0.9, 4)
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (_chat(model="gpt-4o"), 404, "model", "does not exist"),
+    (_chat(stream=True), 400, "stream", "not supported"),
+    (_chat(logprobs=True), 400, "logprobs", "not supported"),
+    (_chat(temprature=1), 400, "temprature", "unknown fields"),
+    ({"model": "tiny", "messages": []}, 400, "messages", "non-empty"),
+    ({"model": "tiny", "messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]},
+     400, "messages", "system prompt"),
+    (_chat(), 400, "weights", "no searched weights"),
+    (_chat(weights="auto"), 400, "weights", "not available"),
+    (_chat(weights={"overlap": 1}), 400, "weights", "exactly the objectives"),
+    (_chat(weights=[-1, 1]), 400, "weights", ">= 0"),
+    (_chat(weights=[1, 1], max_tokens=17), 400, "max_tokens", "[1, 16]"),
+    (_chat(weights=[1, 1], temperature=3), 400, "temperature", "[0.0, 2.0]"),
+    (_chat(weights=[1, 1], n=5), 400, "n", "[1, 4]"),
+    (_chat(weights=[1, 1], stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 51}], "weights": [1, 1]}, 400, "prompt",
+     "longer than 50"),
+])
+def test_bad_openai_requests_get_openai_errors(body, status, param, words):
+    from emorl_ray.ensemble.openai_api import OpenAIError, parse
+
+    with pytest.raises(OpenAIError) as e:
+        parse(body, "chat", "tiny", NAMES, OPENAI_LIMITS, None)
+    err = e.value.body()["error"]
+    assert e.value.status == status and err["param"] == param and words in err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,7 +130,7 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
     start_local_ray()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy_http(cfg, adapters)
+        deploy_http(cfg, adapters, default_weights={"overlap": 2.0, "brevity": 0.0})
         url = f"http://127.0.0.1:{port}/emorl/generate"
         good = json.dumps({"prompts": ["I feel stuck at work", "My dog died"], "weights": [1, 3]}).encode()
         status, out = _post(url, good)
@@ -107,5 +155,35 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
             together = list(pool.map(lambda b: _post(url, b), bodies))
         assert [r for _, r in together] == [{**r, "responses": a} for (_, r), a in zip(together, alone)]
         assert all(s == 200 for s, _ in together) and len({tuple(a) for a in alone}) > 1
+
+        # The OpenAI-shaped routes, through the official client.
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/emorl/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "I feel stuck at work"}], temperature=0, max_tokens=8,
+            extra_body={"weights": [1, 3]})
+        assert chat.choices[0].message.content == out["responses"][0]  # the same decode as /generate
+        assert chat.model == "tiny" and chat.model_extra["weights"] == {"overlap": 0.25, "brevity": 0.75}
+        assert chat.usage.completion_tokens >= 1 and chat.usage.prompt_tokens >= 4
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        default = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "My dog died"}],
+                                                 temperature=0, max_tokens=8)  # the run's searched weights
+        assert default.model_extra["weights"] == {"overlap": 1.0, "brevity": 0.0}
+        sampled = client.completions.create(model="tiny", prompt="I feel stuck at work", temperature=1.0, n=3,
+                                            seed=7, max_tokens=8, extra_body={"weights": {"overlap": 1, "brevity": 1}})
+        again = client.completions.create(model="tiny", prompt="I feel stuck at work", temperature=1.0, n=3,
+                                          seed=7, max_tokens=8, extra_body={"weights": {"overlap": 1, "brevity": 1}})
+        assert len(sampled.choices) == 3 and [c.text for c in sampled.choices] == [c.text for c in again.choices]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert e.value.body["param"] == "stream"
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"weights": {"overlap": -1, "brevity": 1}})
+        assert e.value.body["param"] == "weights" and ">= 0" in e.value.body["message"]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     finally:
         ray.shutdown()

@@ -226,15 +226,16 @@ class AdapterEnsemble:
     @torch.no_grad()
     def generate(self, prompts: list[str], weights, max_new_tokens: int, batch_size: int = 16,
                  greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, aggregation: str = "hidden_state") -> list[str]:
+                 seed: int | None = None, aggregation: str = "hidden_state", details: bool = False) -> list:
         """`weights`: one vector (by adapter name, or in adapter order) for every prompt, a list of
         one vector per prompt (rows with different weights decode in the same batched forward), or
-        None for the base model (all adapters off), through the same loop."""
+        None for the base model (all adapters off), through the same loop. `details`: per prompt
+        {"text", "tokens" (generated, EOS included), "finished" (EOS reached)} instead of the text."""
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if weights is None:
             return self._generate(prompts, [BASE], None, max_new_tokens, batch_size, greedy, temperature,
-                                  top_k, top_p, seed, False)
+                                  top_k, top_p, seed, False, details)
         rows = self.row_weights(weights, len(prompts))
         if aggregation == "parameter":
             # One merged adapter per distinct weight vector: delta W depends on all of w, per row.
@@ -248,7 +249,7 @@ class AdapterEnsemble:
                                                 combination_type="cat")
                 try:
                     out = self._generate([prompts[i] for i in idx], [MERGED], None, max_new_tokens, batch_size,
-                                         greedy, temperature, top_k, top_p, seed, False)
+                                         greedy, temperature, top_k, top_p, seed, False, details)
                 finally:
                     self.model.delete_adapter(MERGED)
                 for i, t in zip(idx, out):
@@ -259,7 +260,7 @@ class AdapterEnsemble:
         w = torch.tensor([[r[k] for k in keep] for r in rows], dtype=torch.float32)
         w = w / w.sum(1, keepdim=True)  # the weight convention (module docstring)
         return self._generate(prompts, [self.names[k] for k in keep], w, max_new_tokens, batch_size, greedy,
-                              temperature, top_k, top_p, seed, aggregation == "logit")
+                              temperature, top_k, top_p, seed, aggregation == "logit", details)
 
     def row_weights(self, weights, n: int) -> list[list[float]]:
         """One checked weight vector per prompt, from one vector or a list of n of them."""
@@ -272,7 +273,7 @@ class AdapterEnsemble:
         return [self.check_weights(w) for w in weights]
 
     def _generate(self, prompts, names, w, max_new_tokens, batch_size, greedy, temperature, top_k, top_p, seed,
-                  mix_logits) -> list[str]:
+                  mix_logits, details=False) -> list:
         """`w`: (len(prompts), len(names)) normalised weights, or None for one adapter (base or merged)."""
         gen = device_generator(seed, self.policy.device)
         routing = "base" if names == [BASE] else self._routing(names)
@@ -282,7 +283,14 @@ class AdapterEnsemble:
             wi = torch.ones(len(chunk), 1) if w is None else w[i:i + batch_size]
             ids = self._generate_ids(chunk, names, wi, max_new_tokens, greedy, temperature, top_k, top_p, gen,
                                      routing, mix_logits)
-            texts.extend(self.policy.decode(ids))
+            if not details:
+                texts.extend(self.policy.decode(ids))
+                continue
+            eos = ids == self.policy.eos_token_id
+            ended = eos.any(1)
+            counts = torch.where(ended, eos.int().argmax(1) + 1, torch.full_like(ended, ids.shape[1], dtype=torch.long))
+            texts.extend({"text": t, "tokens": int(c), "finished": bool(e)}
+                         for t, c, e in zip(self.policy.decode(ids), counts.tolist(), ended.tolist()))
         return texts
 
     def _generate_ids(self, prompts, names, w_rows, max_new_tokens, greedy, temperature, top_k, top_p, gen, routing,

@@ -10,6 +10,8 @@ the decode applied, w / sum(w) (parameter aggregation: w as given).
 Malformed JSON is a 400; every invalid field a 422 naming it; too many or too long prompts a 413.
 Concurrent requests are batched by `@serve.batch`; requests with the same generation settings
 share one decode, whatever their weights (each row decodes with its own request's weights).
+
+The same deployment answers OpenAI-shaped requests under <route_prefix>/v1/ (`openai_api.py`).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type.
@@ -22,6 +24,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from emorl_ray.config import config_from_dict
+from emorl_ray.ensemble import openai_api
 from emorl_ray.ensemble.hidden_state import WeightError, check_weights
 
 api = FastAPI(title="emorl-ray ensemble")
@@ -91,11 +94,15 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(api)
 class EnsembleHTTP:
-    def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu"):
+    def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu",
+                 default_weights: dict | None = None):
         from emorl_ray.ensemble.deployment import load_ensemble
 
         self.cfg = config_from_dict(experiment)
         self.ensemble = load_ensemble(self.cfg, adapters, device, self.cfg.serving.num_cpus)
+        # The run's searched weights: what an OpenAI-shaped request without `weights` decodes with.
+        self.default_weights = None if default_weights is None else \
+            check_weights([default_weights[n] for n in self.ensemble.names], self.ensemble.names)
         self._lock = threading.Lock()
 
     def _decode(self, prompts, weights, s):
@@ -103,10 +110,10 @@ class EnsembleHTTP:
             return self.ensemble.generate(prompts, weights, s["max_new_tokens"], batch_size=len(prompts),
                                           greedy=s["greedy"], temperature=s["temperature"], top_k=s["top_k"],
                                           top_p=s["top_p"], seed=None if s["greedy"] else s["seed"],
-                                          aggregation=self.cfg.search.aggregation)
+                                          aggregation=self.cfg.search.aggregation, details=True)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, requests: list[tuple]) -> list[list[str]]:
+    async def _batched(self, requests: list[tuple]) -> list[list[dict]]:
         # Requests with the same generation settings share one decode, each prompt with its own
         # request's weights (per-row weights in one batched forward). The seed stays per request.
         groups: dict[tuple, list[int]] = {}
@@ -135,19 +142,49 @@ class EnsembleHTTP:
             prompts, w, settings = parse_request(body, self.ensemble.names, self.cfg.serving)
         except BadRequest as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
-        texts = await self._batched((prompts, w, settings))
-        return {"responses": texts, "weights": self.ensemble.weights_used(w, self.cfg.search.aggregation),
+        details = await self._batched((prompts, w, settings))
+        return {"responses": [d["text"] for d in details],
+                "weights": self.ensemble.weights_used(w, self.cfg.search.aggregation),
                 "aggregation": self.cfg.search.aggregation}
+
+    async def _openai(self, request: Request, kind: str):
+        try:
+            try:
+                body = await request.json()
+            except Exception:
+                raise openai_api.OpenAIError(400, "the body is not valid JSON") from None
+            prompt, w, settings, n, stop = openai_api.parse(body, kind, self.cfg.name, self.ensemble.names,
+                                                            self.cfg.serving, self.default_weights)
+        except openai_api.OpenAIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        details = await self._batched(([prompt] * n, w, settings))
+        prompt_tokens = int(self.ensemble.policy.encode([prompt])["attention_mask"].sum())
+        return openai_api.response(kind, self.cfg.name, details, stop, prompt_tokens,
+                                   self.ensemble.weights_used(w, self.cfg.search.aggregation))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(request, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(request, "completion")
+
+    @api.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.cfg.name, "object": "model", "created": 0,
+                                            "owned_by": "emorl-ray", "adapters": self.ensemble.names}]}
 
     @api.get("/healthz")
     async def health(self):
         return {"status": "ok", "adapters": self.ensemble.names}
 
 
-def deploy_http(cfg, adapters: dict[str, str]):
+def deploy_http(cfg, adapters: dict[str, str], default_weights: dict | None = None):
+    """`default_weights`: the run's searched weights, for OpenAI-shaped requests without `weights`."""
     sv = cfg.serving
     device = "cuda" if sv.num_gpus > 0 else "cpu"
     app = EnsembleHTTP.options(num_replicas=sv.num_replicas,
                                ray_actor_options={"num_cpus": sv.num_cpus, "num_gpus": sv.num_gpus}
-                               ).bind(cfg.to_dict(), adapters, device)
+                               ).bind(cfg.to_dict(), adapters, device, default_weights)
     return serve.run(app, name=HTTP_APP, route_prefix=sv.route_prefix)
