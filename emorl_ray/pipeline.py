@@ -182,6 +182,13 @@ def run(cfg: ExperimentConfig) -> dict:
         t = time.time()
         deploy_evaluator(cfg, evaluator_adapters(cfg, manifests))
         search = run_search(cfg, run_dir, cfg.objective_names)
+        router = None
+        if cfg.search.router:
+            from emorl_ray.routing import fit_run_router
+
+            router = fit_run_router(cfg, run_dir)
+            log.info("router: k=%d, leave-one-out validation score %.4f vs %.4f for the single searched vector",
+                     router["k"], router["router_loo_score"], router["single_vector_loo_score"])
         # The comparison aggregations (spec §6), each with its own searched weights.
         compared = {a: run_search(cfg, run_dir, cfg.objective_names, a)["best_weights"]
                     for a in cfg.search.compare_aggregations}
@@ -193,7 +200,7 @@ def run(cfg: ExperimentConfig) -> dict:
     timings["total_wall_s"] = time.time() - t_start
     summary = {"run_dir": str(run_dir), "report": report["html"], "report_markdown": report["markdown"],
                "timings": timings, "best_weights": search["best_weights_used"],
-               "best_val_score": search["best_score"]}
+               "best_val_score": search["best_score"], "router": router}
     storage.write_json(run_dir.file("summary.json"), summary)
     return summary
 

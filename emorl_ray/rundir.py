@@ -9,6 +9,7 @@ local disk, a shared mount or an object store alike.
       training/<run>/          adapter/ (or model/), metrics.parquet, manifest.json
       ray/                     Ray Train checkpoints and Ray Tune experiments (resume state)
       search/                  result.json, points.parquet, heatmap.png; search/<aggregation>/ likewise
+      router/                  router.json, metrics.json (search.router or jobs/train_router.py)
       eval/                    metrics.json, samples.parquet
       plots/                   the report's figures
       report.md, report.html, summary.json
@@ -61,6 +62,10 @@ class RunDir:
     def search(self, aggregation: str | None = None) -> str:
         """search/ for the main aggregation, search/<aggregation>/ for a compared one."""
         return self.file("search", aggregation) if aggregation else self.file("search")
+
+    @property
+    def router(self) -> str:
+        return self.file("router")
 
     @property
     def eval_metrics(self) -> str:

@@ -59,10 +59,12 @@ def main(argv=None) -> int:
     default_weights = storage.read_json(searched)["best_weights"] if storage.is_file(searched) else None
     connect_ray()
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
-    deploy_http(cfg, adapters, default_weights)
+    router = run_dir.router if storage.is_file(storage.join(run_dir.router, "router.json")) else None
+    deploy_http(cfg, adapters, default_weights, router)
     base = f"http://{cfg.serving.host}:{cfg.serving.port}{cfg.serving.route_prefix}"
+    auto = ", weights 'auto' = the run's router" if router else ""
     print(f"ensemble of {list(adapters)} serving at {base}/generate and, OpenAI-shaped, at {base}/v1 "
-          f"(model {cfg.name!r})", flush=True)
+          f"(model {cfg.name!r}{auto})", flush=True)
     try:
         while True:
             time.sleep(3600)

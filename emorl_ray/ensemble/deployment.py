@@ -77,21 +77,28 @@ class EnsembleEvaluator:
                 self._full = (model_path, policy)
             return generate(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size, sampling)
 
-    async def evaluate(self, weights: dict | None, split: str = "val", max_new_tokens: int | None = None,
+    async def evaluate(self, weights: dict | list | None, split: str = "val", max_new_tokens: int | None = None,
                        return_samples: bool = False, model_path: str | None = None,
                        aggregation: str | None = None, sampling: dict | None = None) -> dict:
         """Generate for every prompt of `split` with `weights` (None = base model) combined by
         `aggregation` (default: search.aggregation), or with the fully fine-tuned model saved at
         `model_path`, and score it. Greedy unless `sampling` = {temperature, top_k, top_p, seed,
-        samples_per_prompt}; sampled generations come prompt list after prompt list."""
+        samples_per_prompt}; sampled generations come prompt list after prompt list. `weights` may
+        be a list with one vector per prompt of `split` (the per-prompt router's)."""
         if split not in self.prompts:
             raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
-        prompts = self.prompts[split] * (1 if sampling is None else sampling["samples_per_prompt"])
+        passes = 1 if sampling is None else sampling["samples_per_prompt"]
+        prompts = self.prompts[split] * passes
         max_new_tokens = max_new_tokens or self.cfg.search.max_new_tokens
         aggregation = aggregation or self.cfg.search.aggregation
-        if weights is not None:
+        per_row = isinstance(weights, list)
+        if per_row:
+            if len(weights) != len(self.prompts[split]):
+                raise ValueError(f"{len(weights)} weight vectors for the {len(self.prompts[split])} {split} prompts")
+            weights = [self._all_adapters(w) for w in weights] * passes
+        elif weights is not None:
             weights = self._all_adapters(weights)
-        origin = weights is not None and not any(w > 0 for w in weights.values())
+        origin = weights is not None and not per_row and not any(w > 0 for w in weights.values())
         if origin:
             # The corner w = 0 of the authors' cube: h = 0, every logit 0, so their decode emitted
             # token 0 (pad) at every step: an empty response, scored low but finite like any other
@@ -103,10 +110,14 @@ class EnsembleEvaluator:
             texts = await asyncio.to_thread(self._generate, prompts, weights, max_new_tokens, aggregation, sampling)
         scores = await self.rewards.ascore_all(prompts, texts)
         means = {o: sum(v) / len(v) for o, v in scores.items()}
+        if per_row:  # the mean over prompts of what each decoded with
+            used_rows = [self.ensemble.weights_used(w, aggregation) for w in weights]
+            used = {n: sum(u[n] for u in used_rows) / len(used_rows) for n in self.ensemble.names}
+        else:
+            used = None if weights is None or model_path is not None else \
+                dict.fromkeys(self.ensemble.names, 0.0) if origin else self.ensemble.weights_used(weights, aggregation)
         out = {"per_objective": means, "mean": sum(means.values()) / len(means), "n": len(prompts),
-               "weights_used": None if weights is None or model_path is not None else
-               dict.fromkeys(self.ensemble.names, 0.0) if origin else
-               self.ensemble.weights_used(weights, aggregation)}
+               "weights_used": used}
         if return_samples:
             out.update(prompts=prompts, responses=texts, scores=scores)
         return out

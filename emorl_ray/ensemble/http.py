@@ -95,7 +95,7 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
 @serve.ingress(api)
 class EnsembleHTTP:
     def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu",
-                 default_weights: dict | None = None):
+                 default_weights: dict | None = None, router: str | None = None):
         from emorl_ray.ensemble.deployment import load_ensemble
 
         self.cfg = config_from_dict(experiment)
@@ -103,6 +103,14 @@ class EnsembleHTTP:
         # The run's searched weights: what an OpenAI-shaped request without `weights` decodes with.
         self.default_weights = None if default_weights is None else \
             check_weights([default_weights[n] for n in self.ensemble.names], self.ensemble.names)
+        # The run's per-prompt router (<run>/router), for `weights: "auto"`.
+        self.router = self.embed = None
+        if router is not None:
+            from emorl_ray.rewards.similarity import EmbeddingSimilarity
+            from emorl_ray.routing import load_router
+
+            self.router = load_router(router)
+            self.embed = EmbeddingSimilarity(self.router.encoder).embed
         self._lock = threading.Lock()
 
     def _decode(self, prompts, weights, s):
@@ -154,9 +162,13 @@ class EnsembleHTTP:
             except Exception:
                 raise openai_api.OpenAIError(400, "the body is not valid JSON") from None
             prompt, w, settings, n, stop = openai_api.parse(body, kind, self.cfg.name, self.ensemble.names,
-                                                            self.cfg.serving, self.default_weights)
+                                                            self.cfg.serving, self.default_weights,
+                                                            routed=self.router is not None)
         except openai_api.OpenAIError as e:
             return JSONResponse(e.body(), status_code=e.status)
+        if w == "auto":
+            (routed,) = self.router.route(await asyncio.to_thread(self.embed, [prompt]))
+            w = check_weights([routed[name] for name in self.ensemble.names], self.ensemble.names)
         details = await self._batched(([prompt] * n, w, settings))
         prompt_tokens = int(self.ensemble.policy.encode([prompt])["attention_mask"].sum())
         return openai_api.response(kind, self.cfg.name, details, stop, prompt_tokens,
@@ -180,11 +192,12 @@ class EnsembleHTTP:
         return {"status": "ok", "adapters": self.ensemble.names}
 
 
-def deploy_http(cfg, adapters: dict[str, str], default_weights: dict | None = None):
-    """`default_weights`: the run's searched weights, for OpenAI-shaped requests without `weights`."""
+def deploy_http(cfg, adapters: dict[str, str], default_weights: dict | None = None, router: str | None = None):
+    """`default_weights`: the run's searched weights, for OpenAI-shaped requests without `weights`;
+    `router`: where the run's router is saved, for `weights: "auto"`."""
     sv = cfg.serving
     device = "cuda" if sv.num_gpus > 0 else "cpu"
     app = EnsembleHTTP.options(num_replicas=sv.num_replicas,
                                ray_actor_options={"num_cpus": sv.num_cpus, "num_gpus": sv.num_gpus}
-                               ).bind(cfg.to_dict(), adapters, device, default_weights)
+                               ).bind(cfg.to_dict(), adapters, device, default_weights, router)
     return serve.run(app, name=HTTP_APP, route_prefix=sv.route_prefix)

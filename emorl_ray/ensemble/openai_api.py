@@ -5,9 +5,10 @@
     GET  <route_prefix>/v1/models
 
 `model` is the run's name. Supported fields: `max_tokens` (or `max_completion_tokens`),
-`temperature` (0 = greedy), `top_p`, `seed`, `n`, `stop`, `user`; the ensemble's own extension is
-`weights` (an object over the objectives or a list; unset: the run's searched weights), which the
-OpenAI client passes as `extra_body={"weights": {...}}`. The response carries the `weights` the decode
+`temperature` (0 = greedy), `top_p`, `seed`, `n`, `stop`, `user`; the ensemble's own extension
+is `weights` (an object over the objectives, a list, or "auto" for the run's per-prompt router;
+unset: the run's searched weights), which the OpenAI client passes as
+`extra_body={"weights": {...}}`. The response carries the `weights` the decode
 applied. Other fields OpenAI defines but the ensemble cannot honour (streaming, tools, logprobs,
 penalties, ...) are refused with a 400 naming them, not ignored. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
@@ -53,16 +54,19 @@ def _number(body: dict, key: str, default, kind, lo: float, hi: float):
     return kind(v)
 
 
-def _weights(body: dict, names: list[str], default: list[float] | None) -> list[float]:
+def _weights(body: dict, names: list[str], default: list[float] | None, routed: bool) -> list[float] | str:
     w = body.get("weights")
+    if w == "auto" and routed:
+        return "auto"  # the per-prompt router picks them (emorl_ray/routing/)
     if w is None:
         if default is None:
             raise OpenAIError(400, f"weights: this run has no searched weights yet; give `weights` over {names} "
                               "(extra_body={'weights': {...}} with the OpenAI client)", "weights")
         return list(default)
     if isinstance(w, str):
-        raise OpenAIError(400, f"weights: {w!r} is not available on this endpoint; give an object over {names} "
-                          "or a list of numbers (or omit it for the run's searched weights)", "weights")
+        hint = " ('auto' needs the run's router: jobs/train_router.py RUN_DIR, then restart)" if w == "auto" else ""
+        raise OpenAIError(400, f"weights: {w!r} is not available on this endpoint{hint}; give an object over "
+                          f"{names} or a list of numbers (or omit it for the run's searched weights)", "weights")
     if isinstance(w, dict):
         if set(w) != set(names):
             raise OpenAIError(400, f"weights: give exactly the objectives {names}, got {sorted(w)}", "weights")
@@ -100,9 +104,10 @@ def _prompt_of_messages(messages) -> str:
     return users[0]
 
 
-def parse(body, kind: str, model_name: str, names: list[str], limits,
-          default_weights: list[float] | None) -> tuple[str, list[float], dict, int, list[str]]:
-    """A chat (`kind` "chat") or completion request -> (prompt, weights, decode settings, n, stop)."""
+def parse(body, kind: str, model_name: str, names: list[str], limits, default_weights: list[float] | None,
+          routed: bool = False) -> tuple[str, list[float] | str, dict, int, list[str]]:
+    """A chat (`kind` "chat") or completion request -> (prompt, weights, decode settings, n, stop).
+    `weights` is "auto" when the request asks for the router and the endpoint has one (`routed`)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     if body.get("model") != model_name:
@@ -139,7 +144,7 @@ def parse(body, kind: str, model_name: str, names: list[str], limits,
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise OpenAIError(400, f"stop: a string or a list of at most {MAX_STOP} non-empty strings", "stop")
-    return prompt, _weights(body, names, default_weights), settings, n, stop
+    return prompt, _weights(body, names, default_weights, routed), settings, n, stop
 
 
 def finish(detail: dict, stop: list[str]) -> tuple[str, str]:

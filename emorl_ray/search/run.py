@@ -30,9 +30,12 @@ def evaluate_weights(config: dict) -> None:
     """Tune function trainable: one weight vector, one validation decode, one score."""
     weights = config["weights"]
     handle = serve.get_app_handle(config["app"])
-    res = handle.evaluate.remote(weights, "val", config["max_new_tokens"], aggregation=config["aggregation"]).result()
+    res = handle.evaluate.remote(weights, "val", config["max_new_tokens"], return_samples=True,
+                                 aggregation=config["aggregation"]).result()
     record_trial(config["aggregation"], res["mean"])
-    tune.report({METRIC: res["mean"], **{f"score/{o}": v for o, v in res["per_objective"].items()}})
+    # Each validation prompt's scores too: what the per-prompt router learns from (emorl_ray/routing/).
+    tune.report({METRIC: res["mean"], **{f"score/{o}": v for o, v in res["per_objective"].items()},
+                 **{f"prompt_scores/{o}": list(v) for o, v in res["scores"].items()}})
 
 
 class SearchProgress(tune.Callback):
@@ -104,6 +107,7 @@ def run_search(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
         points.append({"level": r.config.get("level"), **{f"w/{o}": r.config["weights"][o] for o in objectives},
                        "score": score if ok else None,
                        **{f"score/{o}": (r.metrics or {}).get(f"score/{o}") for o in objectives},
+                       **{f"prompt_scores/{o}": (r.metrics or {}).get(f"prompt_scores/{o}") for o in objectives},
                        "error": None if r.error is None else str(r.error)[:500]})
     # Tune's result order is not stable across restores: sort, so ties break the same way every time.
     points.sort(key=lambda p: (p["level"] or 0, [-p[f"w/{o}"] for o in objectives]))
