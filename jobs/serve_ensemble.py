@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", required=True, help="a run directory written by jobs/train_all.py (path or URI)")
     ap.add_argument("--host", help="override serving.host")
     ap.add_argument("--port", type=int, help="override serving.port")
+    ap.add_argument("--bandit", action="store_true",
+                    help="also serve weights 'bandit': a contextual bandit over the searched weights that learns "
+                         "from the scorers (needs the run's router; deploys the scorers; state in <run>/bandit/)")
     args = ap.parse_args(argv)
     from emorl_ray import storage
     from emorl_ray.rundir import RunDir
@@ -57,12 +60,26 @@ def main(argv=None) -> int:
 
     searched = run_dir.file("search", "result.json")
     default_weights = storage.read_json(searched)["best_weights"] if storage.is_file(searched) else None
+    router = run_dir.router if storage.is_file(storage.join(run_dir.router, "router.json")) else None
+    if args.bandit and router is None:
+        print(f"error: --bandit needs the run's router; fit it first: python jobs/train_router.py {run_dir}",
+              file=sys.stderr)
+        return 2
+    if args.bandit and cfg.serving.num_replicas != 1:
+        print("error: --bandit: the bandit learns in one replica; set serving.num_replicas to 1", file=sys.stderr)
+        return 2
+    bandit = run_dir.file("bandit", "state.json") if args.bandit else None
     connect_ray()
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
-    router = run_dir.router if storage.is_file(storage.join(run_dir.router, "router.json")) else None
-    deploy_http(cfg, adapters, default_weights, router)
+    if bandit is not None:  # the bandit learns from the scorers' rewards
+        from emorl_ray.pipeline import trained_scorers
+        from emorl_ray.rewards.serve import deploy_scorers
+
+        trained_scorers(cfg, train=False)
+        deploy_scorers(cfg)
+    deploy_http(cfg, adapters, default_weights, router, bandit)
     base = f"http://{cfg.serving.host}:{cfg.serving.port}{cfg.serving.route_prefix}"
-    auto = ", weights 'auto' = the run's router" if router else ""
+    auto = (", weights 'auto' = the run's router" if router else "") + (", 'bandit' = the bandit" if bandit else "")
     print(f"ensemble of {list(adapters)} serving at {base}/generate and, OpenAI-shaped, at {base}/v1 "
           f"(model {cfg.name!r}{auto})", flush=True)
     try:

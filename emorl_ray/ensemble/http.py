@@ -95,7 +95,7 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
 @serve.ingress(api)
 class EnsembleHTTP:
     def __init__(self, experiment: dict, adapters: dict[str, str], device: str = "cpu",
-                 default_weights: dict | None = None, router: str | None = None):
+                 default_weights: dict | None = None, router: str | None = None, bandit: str | None = None):
         from emorl_ray.ensemble.deployment import load_ensemble
 
         self.cfg = config_from_dict(experiment)
@@ -111,6 +111,20 @@ class EnsembleHTTP:
 
             self.router = load_router(router)
             self.embed = EmbeddingSimilarity(self.router.encoder).embed
+        # The contextual bandit, for `weights: "bandit"`: its state at `bandit`, restored if there,
+        # else warm-started from the router's validation scores; rewards from the deployed scorers.
+        self.bandit, self.bandit_state = None, bandit
+        if bandit is not None:
+            from emorl_ray import storage
+            from emorl_ray.rewards.serve import ServeRewards
+            from emorl_ray.routing.bandit import LinUCB, bandit_from_router
+
+            if self.router is None:
+                raise ValueError("the bandit needs the run's router (its arms and warm start)")
+            self.bandit = LinUCB.load(bandit) if storage.is_file(bandit) else \
+                bandit_from_router(self.router, self.cfg.search.bandit_alpha)
+            self.rewards = ServeRewards(self.cfg.objective_names)
+            self._bandit_lock = threading.Lock()
         self._lock = threading.Lock()
 
     def _decode(self, prompts, weights, s):
@@ -163,16 +177,35 @@ class EnsembleHTTP:
                 raise openai_api.OpenAIError(400, "the body is not valid JSON") from None
             prompt, w, settings, n, stop = openai_api.parse(body, kind, self.cfg.name, self.ensemble.names,
                                                             self.cfg.serving, self.default_weights,
-                                                            routed=self.router is not None)
+                                                            routed=self.router is not None,
+                                                            bandit=self.bandit is not None)
         except openai_api.OpenAIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        if w == "auto":
-            (routed,) = self.router.route(await asyncio.to_thread(self.embed, [prompt]))
-            w = check_weights([routed[name] for name in self.ensemble.names], self.ensemble.names)
+        arm = context = None
+        if w in ("auto", "bandit"):
+            context = (await asyncio.to_thread(self.embed, [prompt]))[0]
+            if w == "auto":
+                (chosen,) = self.router.route(context[None])
+            else:
+                with self._bandit_lock:
+                    arm = self.bandit.choose(context)
+                chosen = self.bandit.weights(arm)
+            w = check_weights([chosen[name] for name in self.ensemble.names], self.ensemble.names)
         details = await self._batched(([prompt] * n, w, settings))
         prompt_tokens = int(self.ensemble.policy.encode([prompt])["attention_mask"].sum())
-        return openai_api.response(kind, self.cfg.name, details, stop, prompt_tokens,
-                                   self.ensemble.weights_used(w, self.cfg.search.aggregation))
+        out = openai_api.response(kind, self.cfg.name, details, stop, prompt_tokens,
+                                  self.ensemble.weights_used(w, self.cfg.search.aggregation))
+        if arm is not None:  # score what was served, learn from it, keep the state
+            scores = await self.rewards.ascore_all([prompt] * n, [d["text"] for d in details])
+            reward = sum(sum(v) / len(v) for v in scores.values()) / len(scores)
+            await asyncio.to_thread(self._learn, arm, context, reward)
+            out["bandit"] = {"arm": arm, "reward": reward}
+        return out
+
+    def _learn(self, arm: int, context, reward: float) -> None:
+        with self._bandit_lock:
+            self.bandit.update(arm, context, reward)
+            self.bandit.save(self.bandit_state)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -192,12 +225,16 @@ class EnsembleHTTP:
         return {"status": "ok", "adapters": self.ensemble.names}
 
 
-def deploy_http(cfg, adapters: dict[str, str], default_weights: dict | None = None, router: str | None = None):
+def deploy_http(cfg, adapters: dict[str, str], default_weights: dict | None = None, router: str | None = None,
+                bandit: str | None = None):
     """`default_weights`: the run's searched weights, for OpenAI-shaped requests without `weights`;
-    `router`: where the run's router is saved, for `weights: "auto"`."""
+    `router`: where the run's router is saved, for `weights: "auto"`; `bandit`: the bandit's state
+    file, for `weights: "bandit"` (the scorers must be deployed; one replica owns the state)."""
+    if bandit is not None and cfg.serving.num_replicas != 1:
+        raise ValueError("serving.num_replicas: the bandit learns in one replica; set it to 1")
     sv = cfg.serving
     device = "cuda" if sv.num_gpus > 0 else "cpu"
     app = EnsembleHTTP.options(num_replicas=sv.num_replicas,
                                ray_actor_options={"num_cpus": sv.num_cpus, "num_gpus": sv.num_gpus}
-                               ).bind(cfg.to_dict(), adapters, device, default_weights, router)
+                               ).bind(cfg.to_dict(), adapters, device, default_weights, router, bandit)
     return serve.run(app, name=HTTP_APP, route_prefix=sv.route_prefix)

@@ -6,11 +6,12 @@
 
 `model` is the run's name. Supported fields: `max_tokens` (or `max_completion_tokens`),
 `temperature` (0 = greedy), `top_p`, `seed`, `n`, `stop`, `user`; the ensemble's own extension
-is `weights` (an object over the objectives, a list, or "auto" for the run's per-prompt router;
-unset: the run's searched weights), which the OpenAI client passes as
-`extra_body={"weights": {...}}`. The response carries the `weights` the decode
-applied. Other fields OpenAI defines but the ensemble cannot honour (streaming, tools, logprobs,
-penalties, ...) are refused with a 400 naming them, not ignored. Errors have OpenAI's shape:
+is `weights` (an object over the objectives, a list, "auto" for the run's per-prompt router, or
+"bandit" for the contextual bandit that learns from the scorers; unset: the run's searched
+weights), which the OpenAI client passes as `extra_body={"weights": {...}}`. The response carries
+the `weights` the decode applied. Other fields OpenAI defines but the ensemble cannot honour
+(streaming, tools, logprobs, penalties, ...) are refused with a 400 naming them, not ignored.
+Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
 
 A chat request is one client turn: the ensemble was trained to answer a client statement with the
@@ -54,17 +55,19 @@ def _number(body: dict, key: str, default, kind, lo: float, hi: float):
     return kind(v)
 
 
-def _weights(body: dict, names: list[str], default: list[float] | None, routed: bool) -> list[float] | str:
+def _weights(body: dict, names: list[str], default: list[float] | None, routed: bool,
+             bandit: bool) -> list[float] | str:
     w = body.get("weights")
-    if w == "auto" and routed:
-        return "auto"  # the per-prompt router picks them (emorl_ray/routing/)
+    if (w == "auto" and routed) or (w == "bandit" and bandit):
+        return w  # the per-prompt router, or the contextual bandit, picks them (emorl_ray/routing/)
     if w is None:
         if default is None:
             raise OpenAIError(400, f"weights: this run has no searched weights yet; give `weights` over {names} "
                               "(extra_body={'weights': {...}} with the OpenAI client)", "weights")
         return list(default)
     if isinstance(w, str):
-        hint = " ('auto' needs the run's router: jobs/train_router.py RUN_DIR, then restart)" if w == "auto" else ""
+        hint = {"auto": " ('auto' needs the run's router: jobs/train_router.py RUN_DIR, then restart)",
+                "bandit": " ('bandit' needs jobs/serve_ensemble.py --bandit)"}.get(w, "")
         raise OpenAIError(400, f"weights: {w!r} is not available on this endpoint{hint}; give an object over "
                           f"{names} or a list of numbers (or omit it for the run's searched weights)", "weights")
     if isinstance(w, dict):
@@ -105,9 +108,10 @@ def _prompt_of_messages(messages) -> str:
 
 
 def parse(body, kind: str, model_name: str, names: list[str], limits, default_weights: list[float] | None,
-          routed: bool = False) -> tuple[str, list[float] | str, dict, int, list[str]]:
+          routed: bool = False, bandit: bool = False) -> tuple[str, list[float] | str, dict, int, list[str]]:
     """A chat (`kind` "chat") or completion request -> (prompt, weights, decode settings, n, stop).
-    `weights` is "auto" when the request asks for the router and the endpoint has one (`routed`)."""
+    `weights` is "auto" or "bandit" when the request asks for the router or the bandit and the
+    endpoint has it (`routed`, `bandit`)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     if body.get("model") != model_name:
@@ -144,7 +148,7 @@ def parse(body, kind: str, model_name: str, names: list[str], limits, default_we
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise OpenAIError(400, f"stop: a string or a list of at most {MAX_STOP} non-empty strings", "stop")
-    return prompt, _weights(body, names, default_weights, routed), settings, n, stop
+    return prompt, _weights(body, names, default_weights, routed, bandit), settings, n, stop
 
 
 def finish(detail: dict, stop: list[str]) -> tuple[str, str]:
