@@ -5,7 +5,8 @@ the run's trained adapters and searched weights. Rewrites the run's eval/ and re
     python jobs/evaluate.py runs/default --methods emorl,baselines --set evaluation.decodings=[sampled]
     python jobs/evaluate.py runs/default --set evaluation.samples_per_prompt=4 --set evaluation.sampling.top_k=50
 
-Methods: base, single, equal, emorl, compared (search.compare_aggregations), baselines.
+Methods: base, single, equal, emorl, compared (search.compare_aggregations), baselines, router and
+bandit (the per-prompt methods; rows only where the run has a router: jobs/train_router.py).
 """
 
 from __future__ import annotations
