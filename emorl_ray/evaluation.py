@@ -214,7 +214,9 @@ def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifes
     rows: dict[tuple, list] = {t: [] for t in tables}
     samples = []
     if "bandit" in ev.methods and has_router:
-        cost.setdefault("router", {"data_points": 0, "train_seconds": 0.0})
+        # Its arms and warm start are the router's: it costs the router's fit too.
+        cost["router"] = {"data_points": 0, "train_seconds": storage.read_json(
+            storage.join(run_dir.router, "metrics.json"))["fit_seconds"]}
         name = "EMORL + bandit (online over the split)"
         methods[name] = {"weights": "bandit", "aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
         for split, decoding in tables:  # one prompt after another, queued behind the other methods
