@@ -422,7 +422,7 @@ def _check_sampling(s: SamplingConfig, path: str) -> None:
     _check(0 < s.top_p <= 1, f"{path}.top_p", "must be in (0, 1]")
 
 
-def _model_exists(ref: str) -> bool:
+def model_exists(ref: str) -> bool:
     """Whether a local path or URI holds a saved model (its config.json)."""
     try:
         return storage.is_file(storage.join(storage.normalize(ref), "config.json"))
@@ -444,7 +444,7 @@ def _check_model_ref(ref: str, path: str) -> None:
         return
     if storage.is_uri(ref):
         _check(storage.check_location(ref) is None, path, str(storage.check_location(ref)))
-        _check(_model_exists(ref), path, f"{ref!r} holds no saved model (config.json); write it there first")
+        _check(model_exists(ref), path, f"{ref!r} holds no saved model (config.json); write it there first")
         return
     looks_local = ref.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(ref))
     if looks_local:
@@ -552,7 +552,7 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
             if sc.train_if_missing and sc.model is not None:
                 _check(storage.is_uri(sc.model) or sc.model.startswith(("/", ".", "~")), f"{p}.model",
                        "with train_if_missing, `model` is where the trained scorer goes: a path or a URI")
-            if sc.model is not None and not (sc.train_if_missing and not _model_exists(sc.model)):
+            if sc.model is not None and not (sc.train_if_missing and not model_exists(sc.model)):
                 _check_model_ref(sc.model, f"{p}.model")
             _check(sc.type == "hf_classifier" or sc.input == "pair", f"{p}.input",
                    "a cross_encoder reads (prompt, response) pairs; use hf_classifier for response-only models")

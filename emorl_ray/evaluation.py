@@ -124,30 +124,24 @@ def result_row(name: str, method: dict, res: dict, objectives: list[str], cost: 
     return row
 
 
-class _Done:
-    """A result already computed, in the shape of a pending Serve response."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
-def bandit_online(handle, cfg: ExperimentConfig, run_dir: RunDir, split: str, decoding: str) -> dict:
-    """The contextual bandit (warm-started on the search's per-prompt scores) over `split`, one
-    prompt at a time: choose the weights from the prompt, decode, score, learn from the score.
-    Returns the evaluator's answer for the whole split, in its order (passes, then prompts)."""
+def split_prompts(cfg: ExperimentConfig, splits: list[str]) -> dict[str, list[str]]:
+    """Each split's prompts in the order the evaluator decodes them (ensemble/deployment.py)."""
     from emorl_ray.data import load_splits
-    from emorl_ray.rewards.similarity import EmbeddingSimilarity
-    from emorl_ray.routing import load_router
+
+    prompts = {"test": [r["prompt"] for r in load_splits(cfg.data, cfg.faithful).test]}
+    if "generalization" in splits:
+        prompts["generalization"] = [r["prompt"] for r in load_splits(cfg.evaluation.generalization).test]
+    return prompts
+
+
+def bandit_online(handle, cfg: ExperimentConfig, router, contexts, split: str, decoding: str) -> dict:
+    """The contextual bandit (warm-started on the search's per-prompt scores) over `split`, one
+    prompt at a time: choose the weights from the prompt's embedding (`contexts`), decode, score,
+    learn from the score. Returns the evaluator's answer for the whole split, in its order
+    (passes, then prompts)."""
     from emorl_ray.routing.bandit import bandit_from_router
 
-    router = load_router(run_dir.router)
     bandit = bandit_from_router(router, cfg.search.bandit_alpha)
-    data = cfg.data if split == "test" else cfg.evaluation.generalization
-    prompts = [r["prompt"] for r in load_splits(data, cfg.faithful if split == "test" else False).test]
-    contexts = EmbeddingSimilarity(router.encoder).embed(prompts)
     parts = []
     for i, x in enumerate(contexts):
         arm = bandit.choose(x)
@@ -163,22 +157,6 @@ def bandit_online(handle, cfg: ExperimentConfig, run_dir: RunDir, split: str, de
             "weights_used": {k: sum(r["weights_used"][k] for r in parts) / len(parts)
                              for k in parts[0]["weights_used"]},
             "plays": bandit.plays}
-
-
-def route_splits(cfg: ExperimentConfig, run_dir: RunDir, splits: list[str]) -> tuple[dict, float]:
-    """The router's weights for every prompt of each split (in the evaluator's order), and the
-    seconds its fit took (counted in the method's cost)."""
-    from emorl_ray.data import load_splits
-    from emorl_ray.rewards.similarity import EmbeddingSimilarity
-    from emorl_ray.routing import load_router
-
-    router = load_router(run_dir.router)
-    embed = EmbeddingSimilarity(router.encoder).embed
-    prompts = {"test": [r["prompt"] for r in load_splits(cfg.data, cfg.faithful).test]}
-    if "generalization" in splits:
-        prompts["generalization"] = [r["prompt"] for r in load_splits(cfg.evaluation.generalization).test]
-    fit_seconds = storage.read_json(storage.join(run_dir.router, "metrics.json"))["fit_seconds"]
-    return {s: router.route(embed(prompts[s])) for s in splits}, fit_seconds
 
 
 def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifests: list[dict],
@@ -199,30 +177,38 @@ def evaluate(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict, manifes
     tables = [(split, decoding) for split in splits for decoding in ev.decodings]
     first_seed = cfg.training.seeds[0]
     cost = {m["name"]: m for m in manifests if m["seed"] == first_seed}
-    routed = {}
-    has_router = storage.is_file(storage.join(run_dir.router, "router.json"))
-    if "router" in ev.methods and has_router:
-        routed, fit_seconds = route_splits(cfg, run_dir, splits)
-        methods["EMORL + router (weights per prompt)"] = {
-            "weights": "router", "aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
-        cost["router"] = {"data_points": 0, "train_seconds": fit_seconds}
-    # All requests at once: the deployment serialises generation, scoring overlaps.
-    pending = {(split, decoding, name): handle.evaluate.remote(
-        routed[split] if m["weights"] == "router" else m["weights"], split, ev.max_new_tokens, True,
-        m.get("model_path"), m.get("aggregation"), sampling_request(cfg, decoding))
-        for split, decoding in tables for name, m in methods.items()}
-    rows: dict[tuple, list] = {t: [] for t in tables}
-    samples = []
-    if "bandit" in ev.methods and has_router:
-        # Its arms and warm start are the router's: it costs the router's fit too.
+    # The per-prompt methods (emorl_ray/routing/), where the run has a router: one encoder pass
+    # over each split's prompts serves both; both cost the router's fit.
+    per_prompt = [m for m in ("router", "bandit") if m in ev.methods]
+    if per_prompt and storage.is_file(storage.join(run_dir.router, "router.json")):
+        from emorl_ray.rewards.similarity import EmbeddingSimilarity
+        from emorl_ray.routing import load_router
+
+        router = load_router(run_dir.router)
+        embed = EmbeddingSimilarity(router.encoder).embed
+        contexts = {s: embed(p) for s, p in split_prompts(cfg, splits).items()}
         cost["router"] = {"data_points": 0, "train_seconds": storage.read_json(
             storage.join(run_dir.router, "metrics.json"))["fit_seconds"]}
+    else:
+        per_prompt = []
+    if "router" in per_prompt:
+        methods["EMORL + router (weights per prompt)"] = {
+            "weights_by_split": {s: router.route(contexts[s]) for s in splits},
+            "aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
+    # All requests at once: the deployment serialises generation, scoring overlaps.
+    pending = {(split, decoding, name): handle.evaluate.remote(
+        m["weights_by_split"][split] if "weights_by_split" in m else m["weights"], split, ev.max_new_tokens,
+        True, m.get("model_path"), m.get("aggregation"), sampling_request(cfg, decoding))
+        for split, decoding in tables for name, m in methods.items()}
+    results = {key: resp.result() for key, resp in pending.items()}
+    if "bandit" in per_prompt:  # one prompt after another, after the other methods
         name = "EMORL + bandit (online over the split)"
-        methods[name] = {"weights": "bandit", "aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
-        for split, decoding in tables:  # one prompt after another, queued behind the other methods
-            pending[split, decoding, name] = _Done(bandit_online(handle, cfg, run_dir, split, decoding))
-    for (split, decoding, name), resp in pending.items():
-        res = resp.result()
+        methods[name] = {"aggregation": cfg.search.aggregation, "runs": [*objectives, "router"]}
+        for split, decoding in tables:
+            results[split, decoding, name] = bandit_online(handle, cfg, router, contexts[split], split, decoding)
+    rows: dict[tuple, list] = {t: [] for t in tables}
+    samples = []
+    for (split, decoding, name), res in results.items():
         passes = 1 if decoding == "greedy" else ev.samples_per_prompt
         n_prompts = res["n"] // passes
         rows[split, decoding].append(result_row(name, methods[name], res, objectives, cost, n_prompts))

@@ -109,6 +109,7 @@ def trained_scorers(cfg: ExperimentConfig, train: bool = True) -> dict[str, str]
     a Ray task with its scorer's resources (`train`; else a missing one is an error)."""
     import ray
 
+    from emorl_ray.config import model_exists
     from emorl_ray.rewards.train_reflection import train_pair_scorer
 
     out = {}
@@ -117,7 +118,7 @@ def trained_scorers(cfg: ExperimentConfig, train: bool = True) -> dict[str, str]
         if not sc.train_if_missing:
             continue
         sc.model = sc.model or cfg.run_dir.file("scorers", o)
-        if storage.is_file(storage.join(sc.model, "config.json")):
+        if model_exists(sc.model):
             out[o] = sc.model
             continue
         if not train:
@@ -230,7 +231,6 @@ EVALUATION_FIELDS = ("evaluation.", "search.evaluator_", "search.batch_size")
 def evaluate_run(location: str, overrides: dict | None = None) -> dict:
     """Re-evaluate a finished run (`jobs/evaluate.py`): its saved experiment with `overrides` of
     EVALUATION_FIELDS, its trained runs and searched weights; rewrites eval/ and the report."""
-    from emorl_ray.config import load_config
     from emorl_ray.data import load_splits
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.placement import check_cluster
@@ -246,7 +246,7 @@ def evaluate_run(location: str, overrides: dict | None = None) -> dict:
             raise ConfigError(key, "jobs/evaluate.py only changes how a run is evaluated (evaluation.*, "
                               "search.evaluator_*, search.batch_size); other fields are what the run was "
                               "trained and searched with: run jobs/train_all.py with a new name instead")
-    cfg = load_config(run_dir.config, {**(overrides or {}), "name": run_dir.name, "output_dir": run_dir.output_dir})
+    cfg = run_dir.load_config(overrides)
     search_file = storage.join(run_dir.search(), "result.json")
     if not storage.is_file(search_file):
         raise ConfigError("run_dir", f"{search_file} does not exist: the run's search has not finished; "

@@ -73,3 +73,9 @@ class RunDir:
 
     def exists(self) -> bool:
         return storage.is_file(self.config)
+
+    def load_config(self, overrides: dict | None = None):
+        """The experiment saved here, located where the directory is now (it may have moved)."""
+        from emorl_ray.config import load_config
+
+        return load_config(self.config, {**(overrides or {}), "name": self.name, "output_dir": self.output_dir})

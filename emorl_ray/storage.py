@@ -87,12 +87,6 @@ def is_file(location: str) -> bool:
     return _info(location).type == pafs.FileType.File
 
 
-def is_dir(location: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return _info(location).type == pafs.FileType.Directory
-
-
 def exists(location: str) -> bool:
     import pyarrow.fs as pafs
 
@@ -222,6 +216,15 @@ def upload_dir(local: str | os.PathLike, location: str) -> None:
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def _cache_path(location: str, files: list[tuple], cache_dir) -> Path:
+    """This node's copy of `location`, keyed by the URI and what is stored there (path, size,
+    mtime of each file): a changed object is fetched again, an unchanged one never."""
+    from emorl_ray.models import default_cache_dir
+
+    key = hashlib.sha256(json.dumps([location, sorted(files)], default=str).encode()).hexdigest()[:20]
+    return Path(cache_dir or default_cache_dir()) / "remote" / key
+
+
 def local_dir(location: str, cache_dir: str | os.PathLike | None = None) -> str:
     """A local directory with the content of `location`: itself when local, else a copy in the
     node's cache, keyed by the URI and what is stored there (a changed adapter is fetched again)."""
@@ -233,14 +236,11 @@ def local_dir(location: str, cache_dir: str | os.PathLike | None = None) -> str:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     if not infos:
         raise FileNotFoundError(f"{location} holds no files")
-    signature = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
-    key = hashlib.sha256(json.dumps([location, signature], default=str).encode()).hexdigest()[:20]
-    from emorl_ray.models import default_cache_dir
-
-    target = Path(cache_dir or default_cache_dir()) / "remote" / key
+    target = _cache_path(location, [(i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File],
+                         cache_dir)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         try:
             pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             os.replace(tmp, target)
@@ -256,10 +256,7 @@ def local_file(location: str, cache_dir: str | os.PathLike | None = None) -> str
     if not is_uri(location):
         return normalize(location)
     info = _info(location)
-    key = hashlib.sha256(f"{location}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:20]
-    from emorl_ray.models import default_cache_dir
-
-    target = Path(cache_dir or default_cache_dir()) / "remote" / key / basename(location)
+    target = _cache_path(location, [(info.path, info.size, info.mtime_ns)], cache_dir) / basename(location)
     if not target.is_file():
         write_bytes(str(target), read_bytes(location))
     return str(target)

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emorl_ray.config import ConfigError, load_config  # noqa: E402
+from emorl_ray.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,9 +38,8 @@ def main(argv=None) -> int:
               "point it at a finished jobs/train_all.py run", file=sys.stderr)
         return 2
     overrides = {k: v for k, v in (("serving.host", args.host), ("serving.port", args.port)) if v is not None}
-    overrides |= {"name": run_dir.name, "output_dir": run_dir.output_dir}
     try:
-        cfg = load_config(run_dir.config, overrides)
+        cfg = run_dir.load_config(overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout (or a `ray job submit` working dir) without installing
 
 from emorl_ray.cli import setup_job  # noqa: E402
-from emorl_ray.config import ConfigError, load_config  # noqa: E402
+from emorl_ray.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     try:
         if not run_dir.exists():
             raise ConfigError("run_dir", f"{run_dir} holds no run (no config.yaml)")
-        cfg = load_config(run_dir.config, {"name": run_dir.name, "output_dir": run_dir.output_dir})
+        cfg = run_dir.load_config()
         metrics = fit_run_router(cfg, run_dir)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,6 @@ The same deployment answers OpenAI-shaped requests under <route_prefix>/v1/ (`op
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type.
 import asyncio
-import math
 import threading
 
 from fastapi import FastAPI, Request
@@ -24,8 +23,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from emorl_ray.config import config_from_dict
-from emorl_ray.ensemble import openai_api
-from emorl_ray.ensemble.hidden_state import WeightError, check_weights
+from emorl_ray.ensemble import fields, openai_api
+from emorl_ray.ensemble.hidden_state import check_weights
 
 api = FastAPI(title="emorl-ray ensemble")
 HTTP_APP = "emorl-ensemble-http"
@@ -34,19 +33,6 @@ HTTP_APP = "emorl-ensemble-http"
 class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
-
-
-def _number(body: dict, key: str, default, kind, lo, hi):
-    v = body.get(key, default)
-    if kind is bool:
-        if not isinstance(v, bool):
-            raise BadRequest(422, f"{key}: must be true or false")
-        return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise BadRequest(422, f"{key}: must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise BadRequest(422, f"{key}: must be in [{lo}, {hi}], got {v!r}")
-    return kind(v)
 
 
 def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float], dict]:
@@ -66,28 +52,19 @@ def parse_request(body, names: list[str], limits) -> tuple[list[str], list[float
     too_long = [i for i, p in enumerate(prompts) if len(p) > limits.max_prompt_chars]
     if too_long:
         raise BadRequest(413, f"prompts {too_long[:5]}: longer than {limits.max_prompt_chars} characters")
-    w = body.get("weights")
-    if isinstance(w, dict):
-        if set(w) != set(names):
-            raise BadRequest(422, f"weights: give exactly the objectives {names}, got {sorted(w)}")
-        w = [w[n] for n in names]
-    if not isinstance(w, list) or len(w) != len(names):
-        raise BadRequest(422, f"weights: a list of {len(names)} numbers or an object over {names}")
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
-        raise BadRequest(422, "weights: every weight must be a number")
-    try:  # the ensemble's own rule: finite, >= 0, not all zero
-        w = check_weights(w, names)
-    except WeightError as e:
-        raise BadRequest(422, str(e)) from None
-    settings = {
-        "max_new_tokens": _number(body, "max_new_tokens", min(64, limits.max_new_tokens), int, 1,
-                                  limits.max_new_tokens),
-        "greedy": _number(body, "greedy", True, bool, 0, 1),
-        "temperature": _number(body, "temperature", 1.0, float, 1e-3, 100.0),
-        "top_k": _number(body, "top_k", 0, int, 0, 1_000_000),
-        "top_p": _number(body, "top_p", 1.0, float, 1e-6, 1.0),
-        "seed": _number(body, "seed", 0, int, 0, 2**31 - 1),
-    }
+    try:
+        w = fields.weight_vector(body.get("weights"), names)
+        settings = {
+            "max_new_tokens": fields.number(body, "max_new_tokens", min(64, limits.max_new_tokens), int, 1,
+                                            limits.max_new_tokens),
+            "greedy": fields.number(body, "greedy", True, bool, 0, 1),
+            "temperature": fields.number(body, "temperature", 1.0, float, 1e-3, 100.0),
+            "top_k": fields.number(body, "top_k", 0, int, 0, 1_000_000),
+            "top_p": fields.number(body, "top_p", 1.0, float, 1e-6, 1.0),
+            "seed": fields.number(body, "seed", 0, int, 0, 2**31 - 1),
+        }
+    except fields.FieldError as e:
+        raise BadRequest(422, e.message) from None
     return list(prompts), w, settings
 
 

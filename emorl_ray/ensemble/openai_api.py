@@ -20,11 +20,10 @@ run's own system prompt (`model.system_prompt`), so it takes exactly one user me
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 
-from emorl_ray.ensemble.hidden_state import WeightError, check_weights
+from emorl_ray.ensemble import fields
 
 # Fields of OpenAI's requests that change what would be generated; refusing them beats ignoring them.
 UNSUPPORTED = ("stream", "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs",
@@ -45,14 +44,10 @@ class OpenAIError(Exception):
 
 
 def _number(body: dict, key: str, default, kind, lo: float, hi: float):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise OpenAIError(400, f"{key}: must be {'an integer' if kind is int else 'a number'}, got {v!r}", key)
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise OpenAIError(400, f"{key}: must be in [{lo}, {hi}], got {v!r}", key)
-    return kind(v)
+    try:
+        return fields.number(body, key, default, kind, lo, hi)
+    except fields.FieldError as e:
+        raise OpenAIError(400, e.message, e.field) from None
 
 
 def _weights(body: dict, names: list[str], default: list[float] | None, routed: bool,
@@ -70,17 +65,10 @@ def _weights(body: dict, names: list[str], default: list[float] | None, routed: 
                 "bandit": " ('bandit' needs jobs/serve_ensemble.py --bandit)"}.get(w, "")
         raise OpenAIError(400, f"weights: {w!r} is not available on this endpoint{hint}; give an object over "
                           f"{names} or a list of numbers (or omit it for the run's searched weights)", "weights")
-    if isinstance(w, dict):
-        if set(w) != set(names):
-            raise OpenAIError(400, f"weights: give exactly the objectives {names}, got {sorted(w)}", "weights")
-        w = [w[n] for n in names]
-    if not isinstance(w, list) or len(w) != len(names) or \
-            not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
-        raise OpenAIError(400, f"weights: an object over {names} or a list of {len(names)} numbers", "weights")
     try:
-        return check_weights(w, names)
-    except WeightError as e:
-        raise OpenAIError(400, f"weights: {e}", "weights") from None
+        return fields.weight_vector(w, names)
+    except fields.FieldError as e:
+        raise OpenAIError(400, e.message, e.field) from None
 
 
 def _prompt_of_messages(messages) -> str:
@@ -114,10 +102,11 @@ def parse(body, kind: str, model_name: str, names: list[str], limits, default_we
     endpoint has it (`routed`, `bandit`)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # OpenAI clients send null for "unset"
     if body.get("model") != model_name:
         raise OpenAIError(404, f"model {body.get('model')!r} does not exist; this endpoint serves {model_name!r}",
                           "model", "model_not_found")
-    asked = [k for k in UNSUPPORTED if body.get(k) not in (None, False)]
+    asked = [k for k in UNSUPPORTED if body.get(k) is not False and k in body]
     if asked:
         raise OpenAIError(400, f"{asked[0]}: not supported by the ensemble endpoint", asked[0], "unsupported_parameter")
     known = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop", "user",
@@ -136,7 +125,7 @@ def parse(body, kind: str, model_name: str, names: list[str], limits, default_we
     if len(prompt) > limits.max_prompt_chars:
         raise OpenAIError(400, f"prompt: longer than {limits.max_prompt_chars} characters", "prompt",
                           "context_length_exceeded")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _number(body, key, min(64, limits.max_new_tokens), int, 1, limits.max_new_tokens)
     temperature = _number(body, "temperature", 1.0, float, 0.0, 2.0)
     settings = {"max_new_tokens": max_tokens, "greedy": temperature == 0.0,

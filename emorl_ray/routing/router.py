@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import torch
 
@@ -32,9 +33,15 @@ class KNNRouter:
     k: int
     encoder: str
 
+    @cached_property
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Built once per loaded router, not on every routed request.
+        return torch.tensor(self.scores), torch.tensor(self.embeddings)
+
     def choose(self, emb: torch.Tensor) -> list[int]:
         """Index of the chosen vector for each row of `emb` (unit-norm embeddings)."""
-        return _choose(torch.tensor(self.scores), torch.tensor(self.embeddings), emb, self.k)
+        scores, embeddings = self._tensors
+        return _choose(scores, embeddings, emb, self.k)
 
     def route(self, emb: torch.Tensor) -> list[dict[str, float]]:
         return [dict(zip(self.objectives, self.weights[i])) for i in self.choose(emb)]
