@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from emorl_ray.config import LoraConfig, ModelConfig
+from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
+from emorl_ray.ensemble.reference import ReferenceEnsemble
+from emorl_ray.models import DTYPES, Policy, lora_config
+from emorl_ray.testing import build_tiny_model
 
-from emorl_ray.config import LoraConfig, ModelConfig  # noqa: E402
-from emorl_ray.ensemble.hidden_state import AdapterEnsemble  # noqa: E402
-from emorl_ray.ensemble.reference import ReferenceEnsemble  # noqa: E402
-from emorl_ray.models import DTYPES, Policy, build_tiny_model, lora_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = {
     "small": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,

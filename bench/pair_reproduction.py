@@ -25,7 +25,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHARED = ROOT.parent / "shared" / "data"
 

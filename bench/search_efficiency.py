@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# After the environment above: Ray reads it at import.
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 HTTP_TARGETS = {"http": "ensemble HTTP, shared weights", "http-own-weights": "ensemble HTTP, own weights"}
 PROMPTS = ["I feel like nobody at work listens to me.", "My sister and I keep fighting about our parents."]
@@ -133,15 +132,16 @@ def tiny_setup(tmp: Path):
     from peft import get_peft_model
 
     from emorl_ray.config import LoraConfig, parse_config
-    from emorl_ray.models import Policy, build_tiny_model, lora_config
+    from emorl_ray.models import Policy, lora_config
+    from emorl_ray.testing import build_tiny_model
 
     model_dir = build_tiny_model(tmp / "model", "causal")
     raw = {"name": "serve-load", "output_dir": str(tmp / "runs"),
            "model": {"id": str(model_dir), "use_chat_template": False, "max_prompt_tokens": 32},
            "data": {"source": "demo"},
-           "objectives": {"overlap": {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:word_overlap",
+           "objectives": {"overlap": {"scorer": {"type": "python", "function": "emorl_ray.testing:word_overlap",
                                                  "num_cpus": 0.1}},
-                          "brevity": {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:brevity",
+                          "brevity": {"scorer": {"type": "python", "function": "emorl_ray.testing:brevity",
                                                  "num_cpus": 0.1}}},
            "serving": {"num_cpus": 0.5, "max_new_tokens": 16}}
     cfg = parse_config(raw)

@@ -1,6 +1,6 @@
 """The two ways of writing a linear layer's product, x @ W^T (F.linear) and (W @ x^T)^T, timed on
 the weight shapes of a SmolLM2 layer and LM head for row counts from a decode step's (K*B) to a
-prefill's. `emorl_ray.ensemble.hidden_state._linear` uses the second on a CPU up to
+prefill's. `emorl_ray.decoding.engine.linear` uses the second on a CPU up to
 `_SKINNY_ROWS` rows; this is the measurement behind that choice, to re-run on other CPUs.
 
     python bench/skinny_matmul.py            # about a minute on 2 cores
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from emorl_ray.decoding.engine import _SKINNY_ROWS
 
-from emorl_ray.ensemble.hidden_state import _SKINNY_ROWS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # (out, in): SmolLM2-135M's MLP up/gate, MLP down, attention q/o, attention k/v, LM head.
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)]

@@ -28,14 +28,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
+from emorl_ray.data import read_demo
+from emorl_ray.models import Policy, lora_config, resolve
+from emorl_ray.rewards import LocalRewards
+from emorl_ray.testing import (
+    build_tiny_model,
+    word_overlap,
+)
 
-from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig  # noqa: E402
-from emorl_ray.data import read_demo  # noqa: E402
-from emorl_ray.models import Policy, build_tiny_model, lora_config, resolve  # noqa: E402
-from emorl_ray.rewards import LocalRewards  # noqa: E402
-from emorl_ray.rewards.toy import word_overlap  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_path(name: str, tmp: str) -> str:

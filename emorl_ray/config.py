@@ -133,7 +133,7 @@ class LoraConfig:
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
-    top_k: int = 0  # 0 = off. The authors' runs used 50 implicitly (spec §10.5).
+    top_k: int = 0  # 0 = off. The authors' runs used 50 implicitly (docs/method.md §8.5).
     top_p: float = 1.0
 
 
@@ -191,11 +191,11 @@ class TrainingConfig:
 
 @dataclass
 class BaselinesConfig:
-    """Single-policy baselines trained beside the EMORL adapters and evaluated with them (spec §8)."""
+    """Single-policy baselines trained beside the EMORL adapters and evaluated with them (docs/method.md §5)."""
     # "uniform": one policy on the mean of the objectives' rewards; "dynaopt": Exp3-weighted rewards.
     methods: list = field(default_factory=list)
     # The paper's baselines were full fine-tunes; by default they get a LoRA adapter like EMORL's
-    # runs (the same trainable budget, spec §10.25).
+    # runs (the same trainable budget, docs/method.md §8.25).
     full_finetune: bool = False
     dynaopt_gamma: float = 0.07
     dynaopt_history: int = 200  # past individual validation scores the bandit reward compares with
@@ -204,12 +204,16 @@ class BaselinesConfig:
 BASELINE_METHODS = ("uniform", "dynaopt")
 
 
+Aggregation = Literal["hidden_state", "logit", "parameter"]
+AGGREGATIONS = typing.get_args(Aggregation)
+
+
 @dataclass
 class SearchConfig:
-    # How the adapters are combined (ensemble.hidden_state): EMORL's hidden states, or the
+    # How the adapters are combined (ensemble/adapter_ensemble.py): EMORL's hidden states, or the
     # logit / parameter comparisons. The search and the evaluation both use it.
-    aggregation: Literal["hidden_state", "logit", "parameter"] = "hidden_state"
-    # Comparisons (spec §6): each listed aggregation gets its own search and its own row in the
+    aggregation: Aggregation = "hidden_state"
+    # Comparisons (docs/method.md §3): each listed aggregation gets its own search and its own row in the
     # evaluation, e.g. [logit, parameter].
     compare_aggregations: list = field(default_factory=list)
     parameterization: Literal["simplex", "cube"] = "simplex"
@@ -246,7 +250,7 @@ class EvaluationConfig:
     # comparison aggregations only if they were trained / searched.
     methods: list = field(default_factory=lambda: list(EVAL_METHODS))
     # Every method under every decoding listed. The authors decoded EMORL greedily and the
-    # baselines by sampling (spec §9.1, a confound); here each table uses one decoding for all.
+    # baselines by sampling (docs/method.md §6, a confound); here each table uses one decoding for all.
     decodings: list = field(default_factory=lambda: ["greedy", "sampled"])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Sampled decoding: generations per prompt (scores are averaged per prompt before the CI),
@@ -276,7 +280,7 @@ class ServingConfig:
 class ExperimentConfig:
     name: str = "default"
     output_dir: str = "runs"
-    # Reproduce the authors' behaviour where it changes numbers (spec §10). Default: fixed.
+    # Reproduce the authors' behaviour where it changes numbers (docs/method.md §8). Default: fixed.
     faithful: bool = False
     # Before anything is deployed, check that what must run at the same time fits on the cluster's
     # nodes, counting the nodes its autoscaler may start (emorl_ray/placement.py).
@@ -621,7 +625,7 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
 
     se = cfg.search
     for i, a in enumerate(se.compare_aggregations):
-        _check(a in ("hidden_state", "logit", "parameter") and a != se.aggregation,
+        _check(a in AGGREGATIONS and a != se.aggregation,
                f"search.compare_aggregations[{i}]",
                f"must be hidden_state, logit or parameter, other than search.aggregation; got {a!r}")
     _check(len(set(se.compare_aggregations)) == len(se.compare_aggregations), "search.compare_aggregations",
@@ -657,8 +661,8 @@ def validate(cfg: ExperimentConfig, base_dir: Path | None = None) -> ExperimentC
     return cfg
 
 
-# `faithful: true` changes these defaults to the authors' values (spec §10.5, 6, 10, 15, 18, 19, 25);
-# a value set explicitly in the file wins.
+# `faithful: true` changes these defaults to the authors' values (docs/method.md §8.5, 8.6, 8.10,
+# 8.15, 8.18, 8.19, 8.25); a value set explicitly in the file wins.
 FAITHFUL_DEFAULTS = {
     "training.sampling.top_k": 50,
     "training.baseline": "mean",
@@ -668,7 +672,7 @@ FAITHFUL_DEFAULTS = {
     "search.parameterization": "cube",
     "search.cache": False,
     "baselines.full_finetune": True,
-    # The authors' test: Hugging Face's sampling defaults, 4 passes over the test prompts (§9.1).
+    # The authors' test: Hugging Face's sampling defaults, 4 passes over the test prompts (docs/method.md §6).
     "evaluation.sampling.top_k": 50,
     "evaluation.samples_per_prompt": 4,
 }

@@ -1,6 +1,6 @@
 """Test-split evaluation of the base model, each single-objective adapter, the EMORL ensemble, the
 comparison aggregations and the baselines, every method decoded the same way (one table per
-decoding) through the same ensemble deployment (spec §9, §10.22)."""
+decoding) through the same ensemble deployment (docs/method.md §6, §8.22)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def distinct_2(texts: list[str]) -> float:
 
 
 def distinct_2_authors(texts: list[str]) -> float:
-    """The authors' variant (spec §3): per generation, distinct bigrams / words; averaged."""
+    """The authors' variant (docs/method.md §6): per generation, distinct bigrams / words; averaged."""
     vals = []
     for t in texts:
         w = t.split()

@@ -156,7 +156,7 @@ def run(cfg: ExperimentConfig) -> dict:
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.search.run import run_search
-    from emorl_ray.training.launch import baseline_jobs, baseline_runs, single_objective_jobs, train_all
+    from emorl_ray.training.launch import baseline_jobs, baseline_runs, single_objective_jobs, train_runs
 
     t_start = time.time()
     splits = check_inputs(cfg)
@@ -174,7 +174,7 @@ def run(cfg: ExperimentConfig) -> dict:
         timings["deploy_scorers_s"] = time.time() - t
 
         t = time.time()
-        manifests = train_all(cfg, run_dir, single_objective_jobs(cfg) + baseline_jobs(cfg))
+        manifests = train_runs(cfg, run_dir, single_objective_jobs(cfg) + baseline_jobs(cfg))
         timings["train_wall_s"] = time.time() - t
 
         # The ensemble uses the first seed's adapter of each objective; LoRA baselines ride along
@@ -190,7 +190,7 @@ def run(cfg: ExperimentConfig) -> dict:
             router = fit_run_router(cfg, run_dir)
             log.info("router: k=%d, leave-one-out validation score %.4f vs %.4f for the single searched vector",
                      router["k"], router["router_loo_score"], router["single_vector_loo_score"])
-        # The comparison aggregations (spec §6), each with its own searched weights.
+        # The comparison aggregations (docs/method.md §3), each with its own searched weights.
         compared = {a: run_search(cfg, run_dir, cfg.objective_names, a)["best_weights"]
                     for a in cfg.search.compare_aggregations}
         timings["search_wall_s"] = time.time() - t
@@ -280,7 +280,7 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
     so `run(cfg)` afterwards reuses every trained adapter and searches over all of them."""
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
-    from emorl_ray.training.launch import single_objective_jobs, train_all
+    from emorl_ray.training.launch import single_objective_jobs, train_runs
 
     run_dir = cfg.run_dir
     saved = run_dir.config
@@ -303,6 +303,6 @@ def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]
         check_cluster(cfg, objectives)
         trained_scorers(cfg)
         deploy_scorers(cfg, objectives)
-        runs = train_all(cfg, run_dir, single_objective_jobs(cfg, objectives))
+        runs = train_runs(cfg, run_dir, single_objective_jobs(cfg, objectives))
     storage.write_text(saved, yaml.safe_dump(new, sort_keys=False))
     return runs

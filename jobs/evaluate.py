@@ -1,51 +1,10 @@
-"""Evaluate a finished run again: any set of methods, under greedy and/or sampled decoding, with
-the run's trained adapters and searched weights. Rewrites the run's eval/ and report.
+"""`emorl evaluate` as a script, for `ray job submit -- python jobs/evaluate.py ...` (the job's working
+directory is on its PYTHONPATH) and for a checkout with the package installed. See
+emorl_ray/cli/evaluate.py for what it does and its options."""
 
-    python jobs/evaluate.py runs/default
-    python jobs/evaluate.py runs/default --methods emorl,baselines --set evaluation.decodings=[sampled]
-    python jobs/evaluate.py runs/default --set evaluation.samples_per_prompt=4 --set evaluation.sampling.top_k=50
-
-Methods: base, single, equal, emorl, compared (search.compare_aggregations), baselines, router and
-bandit (the per-prompt methods; rows only where the run has a router: jobs/train_router.py).
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout (or a `ray job submit` working dir) without installing
-
-from emorl_ray.cli import parse_overrides, setup_job  # noqa: E402
-from emorl_ray.config import ConfigError  # noqa: E402
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="the run directory jobs/train_all.py wrote (<output_dir>/<name>)")
-    p.add_argument("--methods", help="comma-separated method groups (sets evaluation.methods)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an evaluation field, e.g. --set evaluation.decodings=[greedy]")
-    args = p.parse_args(argv)
-    setup_job()
-    overrides = parse_overrides(args.set)
-    if overrides is None:
-        return 2
-    if args.methods:
-        overrides["evaluation.methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from emorl_ray.pipeline import evaluate_run
-
-    try:
-        summary = evaluate_run(args.run_dir, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
+from emorl_ray.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,49 +1,10 @@
-"""Fit the per-prompt router on a finished run's search and save it to <run>/router/.
+"""`emorl train-router` as a script, for `ray job submit -- python jobs/train_router.py ...` (the job's working
+directory is on its PYTHONPATH) and for a checkout with the package installed. See
+emorl_ray/cli/train_router.py for what it does and its options."""
 
-    python jobs/train_router.py runs/default
-    python jobs/evaluate.py runs/default --methods emorl,router   # the router's row beside EMORL's
-
-The router picks, for each prompt, one of the weight vectors the search scored, by the prompt's
-nearest validation prompts (emorl_ray/routing/router.py). It prints its leave-one-out validation
-score next to the single searched vector's, measured the same way. `search.router: true` makes it
-a stage of jobs/train_all.py instead.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout (or a `ray job submit` working dir) without installing
-
-from emorl_ray.cli import setup_job  # noqa: E402
-from emorl_ray.config import ConfigError  # noqa: E402
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="the run directory jobs/train_all.py wrote (path or URI)")
-    args = p.parse_args(argv)
-    setup_job()
-    from emorl_ray.routing import fit_run_router
-    from emorl_ray.rundir import RunDir
-
-    run_dir = RunDir.at(args.run_dir)
-    try:
-        if not run_dir.exists():
-            raise ConfigError("run_dir", f"{run_dir} holds no run (no config.yaml)")
-        cfg = run_dir.load_config()
-        metrics = fit_run_router(cfg, run_dir)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics, indent=2))
-    print(f"\nRouter saved to {run_dir.router}")
-    return 0
-
+from emorl_ray.cli.train_router import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from emorl_ray.config import parse_config  # noqa: E402
-from emorl_ray.models import build_tiny_model  # noqa: E402
+from emorl_ray.testing import build_tiny_model  # noqa: E402
 
 
 def start_local_ray(**kwargs) -> None:
@@ -65,9 +65,9 @@ def tiny_raw_config(model_dir, output_dir, **training) -> dict:
         "model": {"id": str(model_dir), "use_chat_template": False, "max_prompt_tokens": 32},
         "data": {"source": "demo", "max_val": 4, "max_test": 4},
         "objectives": {
-            "overlap": {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:word_overlap",
+            "overlap": {"scorer": {"type": "python", "function": "emorl_ray.testing:word_overlap",
                                    "num_cpus": 0.05}},
-            "brevity": {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:brevity",
+            "brevity": {"scorer": {"type": "python", "function": "emorl_ray.testing:brevity",
                                    "num_cpus": 0.05}},
         },
         "training": {"batch_size": 2, "k": 2, "max_new_tokens": 6, "max_steps": 4, "val_every": 2,

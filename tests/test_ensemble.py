@@ -4,7 +4,9 @@ from peft import PeftModel, get_peft_model
 
 from emorl_ray.config import LoraConfig, ModelConfig
 from emorl_ray.data import read_demo
-from emorl_ray.ensemble.hidden_state import AdapterEnsemble, WeightError, choose_token
+from emorl_ray.decoding.sampling import choose_token
+from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
+from emorl_ray.ensemble.weights import WeightError
 from emorl_ray.models import Policy, lora_config
 
 PROMPTS = [r["prompt"] for r in read_demo()[:6]]
@@ -141,7 +143,7 @@ def test_fast_path_equals_the_plain_reference(kind, tiny_causal, tiny_t5, tmp_pa
 @pytest.mark.parametrize("rows", [1, 3, 48, 49, 200])
 @pytest.mark.parametrize("bias", [True, False])
 def test_skinny_product_is_the_linear_product(rows, bias):
-    from emorl_ray.ensemble.hidden_state import _linear
+    from emorl_ray.decoding.engine import linear as _linear
 
     torch.manual_seed(rows)
     x, w = torch.randn(rows, 64), torch.randn(96, 64)

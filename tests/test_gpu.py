@@ -8,7 +8,7 @@ from peft import get_peft_model
 from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
 from emorl_ray.models import Policy, lora_config
 from emorl_ray.rewards import LocalRewards
-from emorl_ray.rewards.toy import vowel_start
+from emorl_ray.testing import vowel_start
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -21,7 +21,7 @@ PROMPTS = ["I feel stuck at work", "My dog died last week", "Nobody listens to m
 def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggregation):
     from test_ensemble import _random_adapters
 
-    from emorl_ray.ensemble.hidden_state import AdapterEnsemble
+    from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 
     mc, adapters = _random_adapters(tiny_causal, tmp_path)
     ens = AdapterEnsemble(Policy(mc, "cuda"), adapters)

@@ -116,7 +116,7 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     # Add an objective later: train its adapter into the run, then search over all three.
     from emorl_ray.pipeline import train_objectives
 
-    raw["objectives"]["vowels"] = {"scorer": {"type": "python", "function": "emorl_ray.rewards.toy:vowel_start",
+    raw["objectives"]["vowels"] = {"scorer": {"type": "python", "function": "emorl_ray.testing:vowel_start",
                                               "num_cpus": 0.05}}
     with pytest.raises(ConfigError, match="not only in the objectives"):  # a changed experiment is refused
         train_objectives(parse_config({**raw, "seed": 1}), ["vowels"])

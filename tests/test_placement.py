@@ -114,7 +114,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
 
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import deploy_scorers
-    from emorl_ray.training.launch import single_objective_jobs, train_all
+    from emorl_ray.training.launch import single_objective_jobs, train_runs
 
     with socket.socket() as s:  # the state API needs the dashboard; any free port, not 8265
         s.bind(("127.0.0.1", 0))
@@ -143,7 +143,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
                     if "emorl-scorer" in (a.class_name or "")]
         assert len(replicas) == 2 and {a.node_id for a in replicas} == {scorer_node.node_id}
 
-        manifests = train_all(cfg, RunDir.at(tmp_path / "run"), single_objective_jobs(cfg))
+        manifests = train_runs(cfg, RunDir.at(tmp_path / "run"), single_objective_jobs(cfg))
         where = {}
         for m in manifests:
             rows = [r for r in pq.read_table(m["metrics_path"]).to_pylist() if r["kind"] == "val"]

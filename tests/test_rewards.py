@@ -19,10 +19,10 @@ def test_check_scores_names_the_scorer():
 
 
 def test_python_scorer_by_import_path_and_bad_path():
-    sc = build_scorer(ScorerConfig(type="python", function="emorl_ray.rewards.toy:brevity"), ModelConfig())
+    sc = build_scorer(ScorerConfig(type="python", function="emorl_ray.testing:brevity"), ModelConfig())
     assert sc(["p"], ["a b c d"]) == [1.0]
     with pytest.raises(ScorerError, match="cannot import"):
-        build_scorer(ScorerConfig(type="python", function="emorl_ray.rewards.toy:nope"), ModelConfig())
+        build_scorer(ScorerConfig(type="python", function="emorl_ray.testing:nope"), ModelConfig())
 
 
 def test_local_rewards_validates_outputs():

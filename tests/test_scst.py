@@ -5,9 +5,10 @@ import torch
 from peft import get_peft_model
 
 from emorl_ray.config import LoraConfig, ModelConfig, SamplingConfig, TrainingConfig
+from emorl_ray.decoding.engine import response_mask
 from emorl_ray.models import Policy, lora_config
 from emorl_ray.rewards import LocalRewards
-from emorl_ray.rewards.toy import vowel_start
+from emorl_ray.testing import vowel_start
 from emorl_ray.training.scst import (
     advantages,
     authors_postprocess,
@@ -15,7 +16,6 @@ from emorl_ray.training.scst import (
     converged,
     kl_penalty,
     policy_loss,
-    response_mask,
     sample,
     scst_step,
     transform,
@@ -166,7 +166,7 @@ def test_gradient_scaler_path(tiny_causal):
 
 
 def test_checkpoint_checksums_catch_damage(tmp_path, tiny_causal):
-    from emorl_ray.training.loop import CorruptCheckpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+    from emorl_ray.training.checkpoint import CorruptCheckpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 
     policy = Policy(ModelConfig(id=str(tiny_causal), use_chat_template=False))
     model = get_peft_model(policy.model, lora_config(LoraConfig(), policy.kind))

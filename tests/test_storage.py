@@ -102,7 +102,7 @@ def test_config_and_adapters_load_from_s3(s3_bucket, tiny_causal, tmp_path, monk
     from peft import get_peft_model
 
     from emorl_ray.config import LoraConfig
-    from emorl_ray.ensemble.hidden_state import AdapterEnsemble
+    from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
     from emorl_ray.models import Policy, lora_config
 
     monkeypatch.setenv("EMORL_CACHE", str(tmp_path / "cache"))

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from emorl_ray.rundir import RunDir
+from emorl_ray.testing import FailOnce, KillScorersOnce
 
 pytestmark = pytest.mark.e2e
 
@@ -93,8 +94,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers
     clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
     marker = tmp_path / "failed-once"
     storage = tmp_path / "failed" / "ray" / f"train-{job.run_name}"
-    failed = fit(cfg, RunDir.at(tmp_path / "failed"), job, extra={"fail_at_step": 4, "fail_marker": str(marker),
-                                                       "corrupt_latest_checkpoint_in": str(storage)})
+    failed = fit(cfg, RunDir.at(tmp_path / "failed"), job,
+                 hooks=[FailOnce(step=4, marker=str(marker), corrupt_checkpoints_in=str(storage))])
     assert marker.exists()
     for key in ("steps", "data_points", "final_val_score", "converged"):
         assert failed[key] == clean[key], key
@@ -117,7 +118,7 @@ def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_pa
     before = serve_replicas(app_name("overlap"))
     marker = tmp_path / "killed-once"
     killed = fit(cfg, RunDir.at(tmp_path / "killed"), job,
-                 extra={"kill_scorers_at_step": 2, "kill_marker": str(marker)})
+                 hooks=[KillScorersOnce(step=2, marker=str(marker))])
     assert marker.exists()
     after = serve_replicas(app_name("overlap"))
     assert len(after) == len(before) and not set(after) & set(before)  # replaced, not the same actors
@@ -137,12 +138,13 @@ def test_a_call_interrupted_by_a_lost_replica_is_retried_and_counted(ray_with_sc
     import time
 
     from emorl_ray.config import ScorerConfig
-    from emorl_ray.rewards.serve import ServeRewards, app_name, deploy_scorers, kill_serve_replicas, serve_replicas
+    from emorl_ray.rewards.serve import ServeRewards, app_name, deploy_scorers, serve_replicas
+    from emorl_ray.testing import kill_serve_replicas
 
     cfg = dataclasses.replace(ray_with_scorers, objectives={**ray_with_scorers.objectives})
     cfg.objectives["slow"] = dataclasses.replace(
         cfg.objectives["overlap"],
-        scorer=ScorerConfig(type="python", function="emorl_ray.rewards.toy:slow_word_overlap", num_cpus=0.05))
+        scorer=ScorerConfig(type="python", function="emorl_ray.testing:slow_word_overlap", num_cpus=0.05))
     deploy_scorers(cfg, ["slow"])
     rewards = ServeRewards(["slow"], retries=3)
     prompts, responses = ["I feel stuck at work"] * 4, ["stuck at work", "no", "I feel", "work work"]
@@ -158,14 +160,14 @@ def test_a_call_interrupted_by_a_lost_replica_is_retried_and_counted(ray_with_sc
 
 
 def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tmp_path):
-    from emorl_ray.training.launch import single_objective_jobs, train_all
+    from emorl_ray.training.launch import single_objective_jobs, train_runs
 
     cfg = ray_with_scorers
-    manifests = train_all(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))
+    manifests = train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))
     assert {m["name"] for m in manifests} == {"overlap", "brevity"}
     runs = json.loads((tmp_path / "training" / "manifest.json").read_text())["runs"]
     assert runs == manifests
-    again = train_all(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))  # finished runs are not redone
+    again = train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))  # finished runs are not redone
     assert again == manifests
 
 
@@ -212,11 +214,11 @@ def _config(base, **changes):
 def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from emorl_ray.training.launch import baseline_jobs, train_all
+    from emorl_ray.training.launch import baseline_jobs, train_runs
 
     cfg = _config(ray_with_scorers, **{"baselines.methods": ["uniform", "dynaopt"], "baselines.full_finetune": True,
                                        "training.max_steps": 4})
-    runs = {m["name"]: m for m in train_all(cfg, RunDir.at(tmp_path), baseline_jobs(cfg))}
+    runs = {m["name"]: m for m in train_runs(cfg, RunDir.at(tmp_path), baseline_jobs(cfg))}
     assert set(runs) == {"uniform", "dynaopt"}
     for m in runs.values():
         assert not m["lora"] and m["steps"] == 4 and m["data_points"] == 8
@@ -235,7 +237,7 @@ def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.training.launch import ensemble_adapters, single_objective_jobs
 
-    adapters = ensemble_adapters(cfg, train_all(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg)))
+    adapters = ensemble_adapters(cfg, train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg)))
     deploy_evaluator(cfg, adapters)
     try:
         handle = serve.get_app_handle(APP_NAME)
@@ -263,7 +265,7 @@ def test_two_workers_train_one_adapter_with_ddp(ray_with_scorers, tmp_path):
 
 
 def test_faithful_training_runs_on_to_the_end_of_the_epoch(ray_with_scorers, tmp_path):
-    """The authors' convergence flag only ended the epoch (spec §10.7): the counters reported are
+    """The authors' convergence flag only ended the epoch (docs/method.md §8.7): the counters reported are
     those at convergence, the adapter saved is the one at the epoch's end."""
     from emorl_ray.training.launch import TrainJob, fit
 

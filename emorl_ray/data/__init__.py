@@ -92,11 +92,11 @@ PAIR_LEVELS = {"hq1": 2, "hq2": 2, "mq1": 1, "lq1": 0, "lq2": 0, "lq3": 0, "lq4"
 
 
 def read_pair_table(path: str) -> tuple[list[dict], bool]:
-    """The PAIR CSV (spec §1.2) in either published shape, as one dict of named columns per row,
+    """The PAIR CSV (docs/method.md §1) in either published shape, as one dict of named columns per row,
     and whether the file starts with the authors' header row.
 
     DynaOpt's copy has 10 columns and no header; the authors' copy has 9 columns and a header row
-    (which their loader wrongly treats as data, spec §10.9). Cells may hold quoted newlines, so
+    (which their loader wrongly treats as data, docs/method.md §8.9). Cells may hold quoted newlines, so
     this uses a real CSV parser.
     """
     with open(path, newline="", encoding="utf-8") as f:
@@ -117,7 +117,7 @@ def read_pair(path: str, faithful: bool = False, order_file: str | None = None, 
     """One record per prompt; the reference response is a complex reflection.
 
     Default: hq1 as the reference, the header (if any) skipped. `faithful`: the authors' records
-    (spec §1.2, §10.9): their file order (rebuilt from `order_file` for DynaOpt's copy), a
+    (docs/method.md §1, §8.9): their file order (rebuilt from `order_file` for DynaOpt's copy), a
     reference drawn from {hq1, hq2} with a seeded RNG, and the header row as a bogus first record.
     """
     table, _ = read_pair_table(path)
@@ -225,7 +225,7 @@ def clean(rows: list[dict], max_chars: int) -> tuple[list[dict], dict]:
 
 def split(rows: list[dict], cfg: DataConfig, file_order: bool = False) -> Splits:
     """Seeded split. Rows with a `group` (a dialogue) keep the whole group in one part.
-    `file_order`: the authors' split (spec §1.2): no shuffle, cut at int(n*train) and int(n*(train+val))."""
+    `file_order`: the authors' split (docs/method.md §1): no shuffle, cut at int(n*train) and int(n*(train+val))."""
     s = cfg.split
     n = len(rows)
     if file_order:
@@ -261,7 +261,7 @@ def split(rows: list[dict], cfg: DataConfig, file_order: bool = False) -> Splits
 
 
 def load_splits(cfg: DataConfig, faithful: bool = False) -> Splits:
-    """`faithful` changes only PAIR: the authors' records and file-order split (spec §1.2)."""
+    """`faithful` changes only PAIR: the authors' records and file-order split (docs/method.md §1)."""
     authors_pair = faithful and cfg.source == "pair"
     if cfg.path is not None and storage.is_uri(cfg.path):  # data on object storage: read a local copy
         cfg = dataclasses.replace(cfg, path=storage.local_file(cfg.path),

@@ -1,7 +1,8 @@
-"""Token selection shared by every generator in the package: the k-SCST rollouts, the ensemble
-decode and the loss that scores the rollouts all warp logits with the same function, so the
-distribution a token was sampled from is the one its log-probability is taken under."""
+"""Every generation in the package goes through `engine.decode`: the k-SCST rollouts and
+validation, the search trials, the evaluation and the HTTP endpoint; `sampling.warp_logits` is
+the one definition of temperature, top-k and top-p, shared by the sampler and the k-SCST loss."""
 
-from emorl_ray.decoding.sampling import SamplingWarper, choose_token, warp_logits
+from emorl_ray.decoding.engine import Decoded, Sampling, decode, generate_texts
+from emorl_ray.decoding.sampling import choose_token, warp_logits
 
-__all__ = ["SamplingWarper", "choose_token", "warp_logits"]
+__all__ = ["Decoded", "Sampling", "choose_token", "decode", "generate_texts", "warp_logits"]

@@ -1,10 +1,9 @@
 """Temperature, top-k and top-p as one function of the logits.
 
-`warp_logits` is the sampling distribution (as logits; dropped tokens at -inf). The ensemble's
-sampler draws from it (`choose_token`), the k-SCST rollouts draw from it through
-`SamplingWarper` (a Hugging Face logits processor, with HF's own warpers switched off), and the
-k-SCST loss takes log-probabilities under it: the policy gradient is then on-policy for any
-temperature, top-k or top-p (the authors sampled with top-k 50 and scored the full softmax).
+`warp_logits` is the sampling distribution (as logits; dropped tokens at -inf). The decode engine
+draws every sampled token from it (`choose_token`), for the ensemble and the k-SCST rollouts
+alike, and the k-SCST loss takes log-probabilities under it: the policy gradient is then on-policy
+for any temperature, top-k or top-p (the authors sampled with top-k 50 and scored the full softmax).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import LogitsProcessor
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -50,11 +48,8 @@ def device_generator(seed: int | None, device: torch.device | str) -> torch.Gene
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-class SamplingWarper(LogitsProcessor):
-    """`warp_logits` as a Hugging Face logits processor, for `model.generate(logits_processor=...)`."""
-
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return warp_logits(scores, self.temperature, self.top_k, self.top_p)
+def token_logprobs_under(logits: torch.Tensor, tokens: torch.Tensor, greedy: bool, temperature: float = 1.0,
+                         top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """log p(token) under the distribution `choose_token` drew it from (greedy: the plain softmax)."""
+    warped = logits.float() if greedy else warp_logits(logits.float(), temperature, top_k, top_p)
+    return warped.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

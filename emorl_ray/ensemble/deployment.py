@@ -19,7 +19,7 @@ APP_NAME = "emorl-ensemble"
 
 def load_ensemble(cfg, adapters: dict[str, str], device: str, num_cpus: float):
     """Base model + adapters for a Serve replica, using the CPU threads the replica reserved."""
-    from emorl_ray.ensemble.hidden_state import AdapterEnsemble
+    from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
     from emorl_ray.models import Policy, use_reserved_cpus
 
     use_reserved_cpus(num_cpus)
@@ -64,8 +64,8 @@ class EnsembleEvaluator:
     def _generate_full(self, prompts, model_path, max_new_tokens, sampling):
         import copy
 
+        from emorl_ray.decoding.engine import generate_texts
         from emorl_ray.models import load_model
-        from emorl_ray.training.scst import generate
 
         with self._lock:
             path, policy = self._full
@@ -75,7 +75,7 @@ class EnsembleEvaluator:
                 policy = copy.copy(base)
                 policy.model = load_model(storage.local_dir(model_path), self.cfg.model, base.kind, base.device).eval()
                 self._full = (model_path, policy)
-            return generate(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size, sampling)
+            return generate_texts(policy, policy.model, prompts, max_new_tokens, self.cfg.search.batch_size, sampling)
 
     async def evaluate(self, weights: dict | list | None, split: str = "val", max_new_tokens: int | None = None,
                        return_samples: bool = False, model_path: str | None = None,
@@ -105,7 +105,7 @@ class EnsembleEvaluator:
         if origin:
             # The corner w = 0 of the authors' cube: h = 0, every logit 0, so their decode emitted
             # token 0 (pad) at every step: an empty response, scored low but finite like any other
-            # (spec §5.1). Scoring it -inf would bar every sub-box holding the origin.
+            # (docs/method.md §3). Scoring it -inf would bar every sub-box holding the origin.
             texts = [""] * len(prompts)
         elif model_path is not None:
             texts = await asyncio.to_thread(self._generate_full, prompts, model_path, max_new_tokens, sampling)

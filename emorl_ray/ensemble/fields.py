@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from emorl_ray.ensemble.hidden_state import WeightError, check_weights
+from emorl_ray.ensemble.weights import WeightError, check_weights
 
 
 class FieldError(ValueError):

@@ -24,7 +24,7 @@ from ray import serve
 
 from emorl_ray.config import config_from_dict
 from emorl_ray.ensemble import fields, openai_api
-from emorl_ray.ensemble.hidden_state import check_weights
+from emorl_ray.ensemble.weights import check_weights
 
 api = FastAPI(title="emorl-ray ensemble")
 HTTP_APP = "emorl-ensemble-http"

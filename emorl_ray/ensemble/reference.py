@@ -1,4 +1,4 @@
-"""A deliberately plain hidden-state ensemble, shaped like the authors' loop (spec §5.2):
+"""A deliberately plain hidden-state ensemble, shaped like the authors' loop (docs/method.md §3):
 K full model copies (each adapter merged into its own copy of the base), no KV cache, the whole
 prompt + prefix re-run through every model at every step, and, as there, the LM head applied to
 every position (each model's own forward, then the combined states) though only the last is used.
@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from emorl_ray import storage
-from emorl_ray.ensemble.hidden_state import _LMHeadInput
+from emorl_ray.decoding.engine import LMHeadInput
 from emorl_ray.models import Policy
 
 
@@ -40,7 +40,7 @@ class ReferenceEnsemble:
         for _ in range(max_new_tokens):
             h = 0
             for name, model in zip(self.names, self.models):
-                with _LMHeadInput(model, skip_head=False) as cap:
+                with LMHeadInput(model, skip_head=False) as cap:
                     if p.is_seq2seq:
                         start = torch.full((B, 1), model.config.decoder_start_token_id, device=dev)
                         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],

@@ -4,7 +4,7 @@ alone. `cross_encoder` is the (prompt, response) case, e.g. the PAIR-style refle
 authors' empathy classifier.
 
 Weights are loaded strictly: a checkpoint whose keys do not match the architecture fails loudly
-(the authors loaded their reflection scorer with strict=False, spec §10.13).
+(the authors loaded their reflection scorer with strict=False, docs/method.md §8.13).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class HFClassifier:
                 s = logits[:, 0].sigmoid()
             elif self.output == "softmax":
                 s = logits.softmax(-1)[:, self.label]
-            else:  # a regression head: clamped to [0, 1], as the authors did for empathy (spec §10.14)
+            else:  # a regression head: clamped to [0, 1], as the authors did for empathy (docs/method.md §8.14)
                 s = logits[:, 0].clamp(0.0, 1.0)
             out.extend(s.tolist())
         return out

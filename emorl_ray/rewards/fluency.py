@@ -1,6 +1,6 @@
-"""Fluency: perplexity under a frozen causal LM, mapped to [0, 1] by (C - PPL) / C (spec §3).
+"""Fluency: perplexity under a frozen causal LM, mapped to [0, 1] by (C - PPL) / C (docs/method.md §7).
 
-Modes (spec §10.11):
+Modes (docs/method.md §8.11):
 - "pair": PPL of prompt + response, as the authors did; much of the signal is the prompt's.
 - "response_conditional" (default): PPL of the response tokens given the prompt. With
   `model: policy` the prompt is given as the policy reads it (its chat template and system turn),

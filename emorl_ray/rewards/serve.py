@@ -134,12 +134,3 @@ def serve_replicas(app: str) -> list[str]:
 
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#")]
-
-
-def kill_serve_replicas(apps: list[str]) -> None:
-    """Fault injection for tests: kill every replica of `apps`; Serve's controller starts new ones."""
-    import ray
-
-    for app in apps:
-        for name in serve_replicas(app):
-            ray.kill(ray.get_actor(name, namespace="serve"))

@@ -2,7 +2,7 @@
 
 Mean-pooled sentence embeddings (all-MiniLM-L6-v2 by default), cosine clipped to [0, 1]. It rewards
 responses that talk about what the client talked about, which is what a reflection does; it also
-rewards copying the statement verbatim, so always read it next to the edit rate (spec §10.30).
+rewards copying the statement verbatim, so always read it next to the edit rate (docs/method.md §8.30).
 """
 
 from __future__ import annotations

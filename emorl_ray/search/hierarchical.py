@@ -1,4 +1,4 @@
-"""Hierarchical grid search over ensemble weights as a Ray Tune `Searcher` (spec §7).
+"""Hierarchical grid search over ensemble weights as a Ray Tune `Searcher` (docs/method.md §4).
 
 Level by level: hand out every point of the current region at once (Tune runs them as parallel
 trials), return None until the level is complete, keep the half-size sub-region whose corner

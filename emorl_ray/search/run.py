@@ -1,7 +1,7 @@
 """Stage 3: find the ensemble weights with the hierarchical searcher, trials run by Ray Tune.
 
 Each trial asks the ensemble deployment to decode the validation prompts with its weights and
-reports the mean of the objectives' mean scores (spec §7.1). Re-running with the same run
+reports the mean of the objectives' mean scores (docs/method.md §4). Re-running with the same run
 directory restores the Tune experiment and the searcher state: finished trials are not redone.
 """
 
@@ -16,7 +16,7 @@ from ray import serve, tune
 from emorl_ray import storage
 from emorl_ray.config import ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
-from emorl_ray.ensemble.hidden_state import weights_used
+from emorl_ray.ensemble.weights import weights_used
 from emorl_ray.metrics import record_trial
 from emorl_ray.rundir import RunDir
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher

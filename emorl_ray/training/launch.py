@@ -10,7 +10,6 @@ skips finished ones (their manifest exists).
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,12 +53,14 @@ def manifest_path(run_dir: RunDir, job: TrainJob) -> str:
     return storage.join(run_dir.training_run(job.run_name), "manifest.json")
 
 
-def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, extra: dict | None = None) -> dict:
-    """Run (or resume) one trainer to the end and write its adapter, metrics and manifest."""
+def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | None = None) -> dict:
+    """Run (or resume) one trainer to the end and write its adapter, metrics and manifest.
+    `hooks`: called by every worker before every step (`training.loop.SCSTRecipe`); tests only."""
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from emorl_ray.training.loop import ADAPTER_DIR, FULL_MODEL_DIR, HISTORY_FILE, STATE_FILE, train_loop_per_worker
+    from emorl_ray.training.checkpoint import ADAPTER_DIR, FULL_MODEL_DIR, read_state
+    from emorl_ray.training.loop import train_loop_per_worker
 
     mpath = manifest_path(run_dir, job)
     if storage.is_file(mpath):
@@ -74,7 +75,7 @@ def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, extra: dict | Non
         train_loop_config={"experiment": cfg.to_dict(),
                            "run": {"name": job.run_name, "reward_weights": job.reward_weights, "seed": job.seed,
                                    "method": job.method, "lora": job.lora},
-                           **(extra or {})},
+                           "hooks": hooks or []},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"train-{job.run_name}",
                              storage_path=cfg.training.storage_path or run_dir.ray_storage,
@@ -88,8 +89,7 @@ def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, extra: dict | Non
     out = run_dir.training_run(job.run_name)
     with ckpt.as_directory() as d:
         d = Path(d)
-        state = json.loads((d / STATE_FILE).read_text())
-        history = [json.loads(line) for line in (d / HISTORY_FILE).read_text().splitlines() if line]
+        state, history = read_state(d)
         weights_dir = storage.join(out, "adapter" if job.lora else "model")
         storage.upload_dir(d / (ADAPTER_DIR if job.lora else FULL_MODEL_DIR), weights_dir)
     metrics_path = storage.join(out, "metrics.parquet")
@@ -114,11 +114,11 @@ def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, extra: dict | Non
     return manifest
 
 
-def train_all(cfg: ExperimentConfig, run_dir: RunDir, jobs: list[TrainJob], extra: dict | None = None) -> list[dict]:
+def train_runs(cfg: ExperimentConfig, run_dir: RunDir, jobs: list[TrainJob]) -> list[dict]:
     """Fit every job concurrently (one driver thread each; `fit()` blocks on its own trainer) and
     add them to the run directory's `training/manifest.json`, which the later stages read."""
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = [pool.submit(fit, cfg, run_dir, job, extra) for job in jobs]
+        futures = [pool.submit(fit, cfg, run_dir, job) for job in jobs]
         manifests = [f.result() for f in futures]
     done = {(m["name"], m["seed"]) for m in manifests}
     earlier = storage.read_json(run_dir.manifest)["runs"] if storage.is_file(run_dir.manifest) else []

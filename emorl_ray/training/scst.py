@@ -1,4 +1,4 @@
-"""k-sample self-critical REINFORCE (k-SCST), the RL step of EMORL stage 1 (spec §4.2).
+"""k-sample self-critical REINFORCE (k-SCST), the RL step of EMORL stage 1 (docs/method.md §2).
 
 One optimizer step, top to bottom:
   1. sample k responses per prompt (eval mode: no dropout; the authors sampled with dropout on)
@@ -13,7 +13,7 @@ One optimizer step, top to bottom:
      frozen base model (the adapter switched off), with gradient;
   5. clip the gradient norm, AdamW step.
 
-`faithful=True` reproduces the authors' step where it differs (spec §10.1-5): dropout on while
+`faithful=True` reproduces the authors' step where it differs (docs/method.md §8.1-8.5): dropout on while
 sampling and in the loss, no KL, the loss under the full softmax at temperature 1 whatever was
 sampled, and on the re-tokenised text + " [CLS]" (EOS never trained) with the prompt re-encoded
 to 512 tokens instead of the generation limit.
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from emorl_ray.config import SamplingConfig, TrainingConfig
-from emorl_ray.decoding.sampling import SamplingWarper, warp_logits
+from emorl_ray.decoding.engine import Sampling, decode, eval_mode
+from emorl_ray.decoding.sampling import warp_logits
 from emorl_ray.models import Policy
 
 SCORE_FLOOR, SCORE_CEIL = 1e-4, 0.9999
@@ -44,41 +45,16 @@ class Rollout:
     logprobs: torch.Tensor | None = None  # (B*k, T) the sampler's own log-probs, if asked for
 
 
-def response_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for every token up to and including the first EOS, 0 after it."""
-    is_eos = (ids == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return (~after_eos).long()
-
-
 @torch.no_grad()
 def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: int, sampling: SamplingConfig,
            dropout: bool = False, return_logprobs: bool = False) -> Rollout:
-    """k responses per prompt drawn from `warp_logits(logits, sampling)`. Hugging Face's own
-    warpers are switched off (temperature 1, top-k 0, top-p 1, whatever the model's generation
-    config says), so the rollout distribution is exactly the one `token_logprobs` scores."""
-    enc = policy.encode(prompts)
-    was_training = model.training
-    model.train(dropout)
-    try:
-        out = model.generate(**enc, do_sample=True, num_return_sequences=k, max_new_tokens=max_new_tokens,
-                             temperature=1.0, top_k=0, top_p=1.0,
-                             logits_processor=[SamplingWarper(sampling.temperature, sampling.top_k, sampling.top_p)],
-                             pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id,
-                             return_dict_in_generate=True, output_scores=return_logprobs)
-    finally:
-        model.train(was_training)
-    # Causal LMs return prompt + response; seq2seq models return decoder-start + response.
-    seqs = out.sequences
-    ids = seqs[:, enc["input_ids"].shape[1]:] if not policy.is_seq2seq else seqs[:, 1:]
-    mask = response_mask(ids, policy.eos_token_id)
-    ids = ids.masked_fill(mask == 0, policy.pad_token_id)
-    logprobs = None
-    if return_logprobs:  # the processed scores of every step are the warped logits
-        steps = torch.stack(out.scores, 1).float().log_softmax(-1)
-        logprobs = steps.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
-    rep = {key: v.repeat_interleave(k, dim=0) for key, v in enc.items()}
-    return Rollout([p for p in prompts for _ in range(k)], rep, ids, mask, policy.decode(ids), logprobs)
+    """k responses per prompt from the decode engine, drawn from `warp_logits(logits, sampling)`:
+    the distribution `token_logprobs` scores. Eval mode (train mode with `dropout`: the authors')."""
+    repeated = [p for p in prompts for _ in range(k)]
+    how = Sampling(sampling.temperature, sampling.top_k, sampling.top_p)
+    with eval_mode(model, dropout):
+        out = decode(policy, model, repeated, max_new_tokens, sampling=how, return_logprobs=return_logprobs)
+    return Rollout(repeated, policy.encode(repeated), out.ids, out.mask, policy.decode(out.ids), out.logprobs)
 
 
 CLS = "[CLS]"
@@ -87,14 +63,14 @@ AUTHORS_TARGET_TOKENS = 128
 
 
 def authors_postprocess(text: str) -> str:
-    """DynaOpt's post-processing kept by EMORL (spec §2): keep the segments before the last "[CLS]"."""
+    """DynaOpt's post-processing kept by EMORL (docs/method.md §1): keep the segments before the last "[CLS]"."""
     if CLS not in text:
         return text.strip()
     return " ".join(seg.strip() for seg in text.split(CLS)[:-1] if seg.strip())
 
 
 def authors_targets(policy: Policy, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The authors' loss targets (spec §10.3): `text + " [CLS]"` re-tokenised, no EOS, right-padded."""
+    """The authors' loss targets (docs/method.md §8.3): `text + " [CLS]"` re-tokenised, no EOS, right-padded."""
     enc = policy.tokenizer([t + " " + CLS for t in texts], return_tensors="pt", padding=True, truncation=True,
                            max_length=AUTHORS_TARGET_TOKENS, add_special_tokens=False, padding_side="right")
     ids = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, policy.pad_token_id)
@@ -206,7 +182,7 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     with scoring_mode(model, dropout=faithful):
         with amp:
             logits = response_logits(policy, model, enc, ids, mask)
-        # The authors scored the full softmax at temperature 1 whatever was sampled (spec §10.5).
+        # The authors scored the full softmax at temperature 1 whatever was sampled (docs/method.md §8.5).
         logp = token_logprobs(logits, ids, mask, None if faithful else s)
         loss = policy_loss(logp, mask, adv, cfg.loss_reduction)
         kl = float("nan")
@@ -268,29 +244,3 @@ def converged(history: list[float], window: int, threshold: float) -> bool:
         return False
     std = math.sqrt(sum((x - mean) ** 2 for x in tail) / window)  # population std, as the authors
     return std / mean < threshold
-
-
-@torch.no_grad()
-def generate(policy: Policy, model, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-             sampling: dict | None = None) -> list[str]:
-    """Hugging Face `generate` in eval mode: greedy, or sampled with `sampling` = {temperature,
-    top_k, top_p, seed} (the seed makes a re-run draw the same samples)."""
-    was_training = model.training
-    model.eval()
-    if sampling is None:
-        kw = {"do_sample": False}
-    else:
-        kw = {"do_sample": True, "temperature": sampling["temperature"], "top_k": sampling["top_k"],
-              "top_p": sampling["top_p"]}
-        torch.manual_seed(sampling["seed"])
-    texts = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = policy.encode(prompts[i:i + batch_size])
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=policy.pad_token_id,
-                                 eos_token_id=policy.eos_token_id, **kw)
-            ids = out[:, enc["input_ids"].shape[1]:] if not policy.is_seq2seq else out[:, 1:]
-            texts.extend(policy.decode(ids))
-    finally:
-        model.train(was_training)
-    return texts

@@ -1,4 +1,4 @@
-"""How a run weights its objectives' rewards, r = sum_i w_i f(s_i), step by step (spec §4.2, §8).
+"""How a run weights its objectives' rewards, r = sum_i w_i f(s_i), step by step (docs/method.md §2, §5).
 
 - `FixedWeights`: EMORL's single-objective runs (w = 1 for one objective) and the Uniform
   Weighted baseline (w = 1/K for each of K objectives).
@@ -58,7 +58,7 @@ class Exp3:
 
 
 class DynaOpt:
-    """Two Exp3 bandits (spec §8.3). The arm bandit has K+1 arms: "raise objective i's weight" for
+    """Two Exp3 bandits (docs/method.md §5). The arm bandit has K+1 arms: "raise objective i's weight" for
     each objective, plus "leave the weights as they are".
 
     Original semantics (default): a pulled arm updates the weight bandit once; the arm bandit's reward

@@ -12,7 +12,7 @@ import yaml
 
 from emorl_ray.config import ConfigError, ExperimentConfig, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
