@@ -27,36 +27,39 @@ import sys
 import time
 from pathlib import Path
 
+from emorl_ray.rundir import RunDir, RunManifest, SearchResult
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def method_rows(manifests: list[dict], objectives: list[str], search: dict, tables: list[dict]) -> list[dict]:
+def method_rows(manifests: list[RunManifest], objectives: list[str], search: SearchResult,
+                tables: list[dict]) -> list[dict]:
     """One row per method: EMORL (its single-objective runs summed) and each baseline."""
     greedy = next((t for t in tables if t["split"] == "test" and t["decoding"] == "greedy"), None)
     test_avg = {m["method"]: m["average"] for m in (greedy["methods"] if greedy else [])}
-    single = [m for m in manifests if m["method"] == "single" and m["name"] in objectives]
+    single = [m for m in manifests if m.is_ensemble_member and m.name in objectives]
     rows = [{
         "method": "EMORL", "runs": len(single),
-        "data_points": sum(m["data_points"] for m in single),
-        "train_seconds": round(sum(m["train_seconds"] for m in single), 1),
-        "slowest_run_seconds": round(max(m["train_seconds"] for m in single), 1),
-        "converged": all(m["converged"] for m in single),
-        "converged_runs": sum(m["converged"] for m in single),
-        "trained_data_points": sum(m["trained_data_points"] for m in single),
-        "val_score": search["best_score"],
+        "data_points": sum(m.data_points for m in single),
+        "train_seconds": round(sum(m.train_seconds for m in single), 1),
+        "slowest_run_seconds": round(max(m.train_seconds for m in single), 1),
+        "converged": all(m.converged for m in single),
+        "converged_runs": sum(m.converged for m in single),
+        "trained_data_points": sum(m.trained_data_points for m in single),
+        "val_score": search.best_score,
         "test_average": test_avg.get("EMORL (searched weights)"),
-        "per_run": {m["name"]: {k: m[k] for k in ("data_points", "train_seconds", "converged", "final_val_score")}
-                    for m in single},
+        "per_run": {m.name: {"data_points": m.data_points, "train_seconds": m.train_seconds,
+                             "converged": m.converged, "final_val_score": m.final_val_score} for m in single},
     }]
     for m in manifests:
-        if m["method"] == "single":
+        if m.is_ensemble_member:
             continue
-        label = f"baseline: {m['name']}" + ("" if m["lora"] else " (full fine-tune)")
-        rows.append({"method": {"uniform": "Uniform", "dynaopt": "DynaOpt"}.get(m["name"], m["name"]), "runs": 1,
-                     "data_points": m["data_points"], "train_seconds": m["train_seconds"],
-                     "slowest_run_seconds": m["train_seconds"], "converged": m["converged"],
-                     "converged_runs": int(m["converged"]), "trained_data_points": m["trained_data_points"],
-                     "val_score": m["final_val_score"], "test_average": test_avg.get(label)})
+        label = f"baseline: {m.name}" + ("" if m.lora else " (full fine-tune)")
+        rows.append({"method": {"uniform": "Uniform", "dynaopt": "DynaOpt"}.get(m.name, m.name), "runs": 1,
+                     "data_points": m.data_points, "train_seconds": m.train_seconds,
+                     "slowest_run_seconds": m.train_seconds, "converged": m.converged,
+                     "converged_runs": int(m.converged), "trained_data_points": m.trained_data_points,
+                     "val_score": m.final_val_score, "test_average": test_avg.get(label)})
     return rows
 
 
@@ -86,10 +89,8 @@ def main() -> int:
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     objectives = list(cfg["objectives"])
-    manifests = json.loads((run_dir / "training" / "manifest.json").read_text())["runs"]
-    search = json.loads((run_dir / "search" / "result.json").read_text())
-    tables = json.loads((run_dir / "eval" / "metrics.json").read_text())["tables"]
-    rows = method_rows(manifests, objectives, search, tables)
+    rd = RunDir.at(str(run_dir))
+    rows = method_rows(rd.runs(), objectives, rd.search_result(), rd.eval_result().tables)
     t = cfg["training"]
     result = {"command": " ".join(["python"] + sys.argv), "job": " ".join(cmd), "job_wall_s": round(wall, 1),
               "cpus": os.cpu_count(), "run_dir": str(run_dir),

@@ -18,6 +18,9 @@ a real model, its cost at batch 16 is the arithmetic of re-running every prefix.
 small model's decode step is mostly per-layer Python overhead, so (b)/(c) there is lower than on
 the full-size shape. On `tiny` (width 32, prompts of 2 tokens) everything is overhead and (b)/(c)
 stays near K.
+Each row also gives, for (a) and (b), the fraction of the memory-bandwidth bound reached: a step
+cannot be faster than reading every weight and the KV cache once at the bandwidth of a measured
+device-to-device copy, and it emits one token per prompt.
 Writes bench/results/ensemble_decode-<model>-<device>.json, prints a table, and prints as its last
 line one JSON object with `speedup_vs_reference` ((b)/(c)) and `ratio_vs_single` ((b)/(a)), both at
 the largest batch. The table's last column, (a)/(c), is the (b)/(c) that an ensemble decoding
@@ -109,6 +112,28 @@ def _copy(model):
     return copy.deepcopy(model)
 
 
+def copy_bandwidth(device: str, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted), the best of `repeats`:
+    the memory bandwidth a decode step can use at most."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t, _ = timed(lambda: (dst.copy_(src), 0)[1], device)
+        best = min(best, t)
+    return 2 * src.numel() / best
+
+
+def bytes_per_step(model, k: int, batch: int, prompt_tokens: int, new_tokens: int) -> float:
+    """What one decode step must read, averaged over the decode: every weight once (the tied LM
+    head is the embedding matrix) and the KV cache of all k * batch rows at its mean length."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    return weights + k * batch * (prompt_tokens + new_tokens / 2) * kv_per_token
+
+
 def timed(fn, device) -> tuple[float, int]:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -167,6 +192,7 @@ def main() -> int:
         return decode_steps(ref.generate(prompts, weights, n), n)
 
     prompt_tokens = int(policy.encode(prompts_all[:1])["input_ids"].shape[1])
+    bandwidth = copy_bandwidth(args.device)
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         prompts = prompts_all[:b]
@@ -182,6 +208,11 @@ def main() -> int:
             row[f"{name}_tok_s"] = round(b * steps / secs, 1)
             row[f"{name}_s"] = round(secs, 4)
         row["ratio_vs_single"] = round(row["ensemble_tok_s"] / row["single_tok_s"], 3)
+        # Memory-bandwidth bound: B tokens per step, a step no faster than reading its bytes once.
+        for name, k in (("single", 1), ("ensemble", args.k)):
+            bound = b * bandwidth / bytes_per_step(policy.model, k, b, prompt_tokens, N)
+            row[f"{name}_bound_tok_s"] = round(bound, 1)
+            row[f"{name}_fraction_of_bound"] = round(row[f"{name}_tok_s"] / bound, 4)
         if ref is not None:
             row["speedup_vs_reference"] = round(row["ensemble_tok_s"] / row["reference_tok_s"], 2)
             # (a)/(c): the (b)/(c) of an ensemble exactly as fast as one adapter alone.
@@ -190,17 +221,20 @@ def main() -> int:
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     result = {"command": " ".join(["python"] + sys.argv), "model": args.model, "device": args.device,
               "device_name": dev_name, "dtype": args.dtype, "k": args.k, "new_tokens": N, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens, "rows": rows}
+              "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,
+              "copy_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}
     out = ROOT / "bench" / "results" / f"ensemble_decode-{args.model.replace(':', '_')}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"model {args.model} on {args.device} ({dev_name}), {args.dtype}, K={args.k}, "
-          f"{prompt_tokens}-token prompts, {N} new tokens")
-    print("| batch | (a) single tok/s | (b) ensemble tok/s | (c) reference tok/s | (b)/(a) | (b)/(c) | (a)/(c) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{prompt_tokens}-token prompts, {N} new tokens, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| batch | (a) single tok/s | (b) ensemble tok/s | (c) reference tok/s | (b)/(a) | (b)/(c) | (a)/(c) "
+          "| (a) % of bound | (b) % of bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['single_tok_s']} | {r['ensemble_tok_s']} | {r.get('reference_tok_s', '-')} | "
-              f"{r['ratio_vs_single']} | {r.get('speedup_vs_reference', '-')} | {r.get('single_vs_reference', '-')} |")
+              f"{r['ratio_vs_single']} | {r.get('speedup_vs_reference', '-')} | {r.get('single_vs_reference', '-')} "
+              f"| {100 * r['single_fraction_of_bound']:.1f} | {100 * r['ensemble_fraction_of_bound']:.1f} |")
     last = rows[-1]
     print(json.dumps({"batch": last["batch"], "speedup_vs_reference": last.get("speedup_vs_reference"),
                       "ratio_vs_single": last["ratio_vs_single"]}))

@@ -58,9 +58,8 @@ def main(argv=None) -> int:
     scorer_s = time.time() - t0
     scorer_metrics = json.loads((Path(args.scorer) / "scorer_metrics.json").read_text())
 
-    from emorl_ray import storage
     from emorl_ray.config import ConfigError, load_config
-    from emorl_ray.pipeline import run
+    from emorl_ray.pipeline import run_pipeline
 
     overrides = {"data.path": args.pair, "evaluation.generalization.path": args.annomi,
                  "objectives.reflection.scorer.model": str(Path(args.scorer).resolve()),
@@ -73,8 +72,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    summary = run(cfg)
-    metrics = storage.read_json(cfg.run_dir.eval_metrics)
+    summary = run_pipeline(cfg)
+    metrics = cfg.run_dir.eval_result().to_dict()
     objectives = cfg.objective_names
     out = {"command": "python bench/pair_reproduction.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "config": cfg.to_dict(), "scorer": {k: v for k, v in scorer_metrics.items() if k != "history"},
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
            "pareto": metrics.get("pareto")}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "pair_reproduction.json").write_text(json.dumps(out, indent=2))
-    from emorl_ray.report import results_table, to_markdown
+    from emorl_ray.evaluation.report import results_table, to_markdown
 
     for t in metrics["tables"]:
         where = "PAIR test" if t["split"] == "test" else f"{t['source']} (generalisation)"

@@ -154,12 +154,12 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.rewards.serve import deploy_scorers
     from emorl_ray.rundir import RunDir
-    from emorl_ray.search.run import evaluate_weights
-    from emorl_ray.training.launch import ensemble_adapters, read_manifest
+    from emorl_ray.search.run import weights_trial
+    from emorl_ray.training.launch import ensemble_adapters
 
     run_dir = RunDir.at(run_dir)
     cfg = load_config(run_dir.config)
-    adapters = ensemble_adapters(cfg, read_manifest(run_dir))
+    adapters = ensemble_adapters(cfg, run_dir.runs())
     objectives = cfg.objective_names
     deploy_scorers(cfg)
     const = {"app": APP_NAME, "max_new_tokens": cfg.search.max_new_tokens, "aggregation": cfg.search.aggregation}
@@ -175,7 +175,7 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
         cfg.search.evaluator_replicas = replicas
         cfg.search.evaluator_cpus = 0.8 if replicas == 2 else 1.5
         deploy_evaluator(cfg, adapters)
-        res = run_tune(evaluate_weights, const, hierarchical(objectives, "simplex", levels, True), -1,
+        res = run_tune(weights_trial, const, hierarchical(objectives, "simplex", levels, True), -1,
                        2 * replicas, storage)
         per_level = {}
         for r in res["grid"]:
@@ -191,11 +191,11 @@ def real_objective(run_dir: Path, storage: str, levels: int = 3) -> dict:
     serve.delete(APP_NAME)
     cfg.search.evaluator_replicas, cfg.search.evaluator_cpus = 1, 1.5
     deploy_evaluator(cfg, adapters)
-    dense = run_tune(evaluate_weights, {**const, "weights": tune.grid_search(
+    dense = run_tune(weights_trial, {**const, "weights": tune.grid_search(
         [dict(zip(objectives, w)) for w in simplex_grid(8, len(objectives))])}, concurrency=2, storage=storage)
     reference = max(r["score"] for r in dense["rows"] if r["score"] is not None and math.isfinite(r["score"]))
     out["dense_1_8"] = {"trials": len(dense["rows"]), "best": reference, "wall_s": round(dense["wall_s"], 1)}
-    out["methods"] = compare_methods(evaluate_weights, const, objectives, levels, reference, storage, 2,
+    out["methods"] = compare_methods(weights_trial, const, objectives, levels, reference, storage, 2,
                                      cube_caches=(True,), simplex=simplex)
     serve.shutdown()
     return out

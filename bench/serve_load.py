@@ -161,11 +161,11 @@ def tiny_setup(tmp: Path):
 def run_setup(run_dir: Path):
     from emorl_ray.config import load_config
     from emorl_ray.rundir import RunDir
-    from emorl_ray.training.launch import ensemble_adapters, read_manifest
+    from emorl_ray.training.launch import ensemble_adapters
 
     run_dir = RunDir.at(run_dir)
     cfg = load_config(run_dir.config)
-    return cfg, ensemble_adapters(cfg, read_manifest(run_dir)), 16
+    return cfg, ensemble_adapters(cfg, run_dir.runs()), 16
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """EMORL end to end: scorers up, train one adapter per objective in parallel, search the ensemble
-weights, evaluate on the test split, write the run directory. `jobs/train_all.py` calls `run`."""
+weights, evaluate on the test split, write the run directory. `jobs/train_all.py` (`emorl run`) calls `run_pipeline`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 
 from emorl_ray import storage
 from emorl_ray.config import ConfigError, ExperimentConfig
-from emorl_ray.rundir import RunDir
+from emorl_ray.rundir import RunDir, RunManifest, SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def check(cfg: ExperimentConfig) -> dict:
             "resumes": cfg.run_dir.exists(), "resources": checked}
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run_pipeline(cfg: ExperimentConfig) -> dict:
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
@@ -191,37 +191,35 @@ def run(cfg: ExperimentConfig) -> dict:
             log.info("router: k=%d, leave-one-out validation score %.4f vs %.4f for the single searched vector",
                      router["k"], router["router_loo_score"], router["single_vector_loo_score"])
         # The comparison aggregations (docs/method.md §3), each with its own searched weights.
-        compared = {a: run_search(cfg, run_dir, cfg.objective_names, a)["best_weights"]
+        compared = {a: run_search(cfg, run_dir, cfg.objective_names, a).best_weights
                     for a in cfg.search.compare_aggregations}
         timings["search_wall_s"] = time.time() - t
 
         t = time.time()
-        report = evaluate_and_report(cfg, run_dir, splits.summary(), manifests, search, baselines, compared)
+        report = evaluation_stage(cfg, run_dir, manifests, search, baselines, compared)
         timings["eval_wall_s"] = time.time() - t
     timings["total_wall_s"] = time.time() - t_start
     summary = {"run_dir": str(run_dir), "report": report["html"], "report_markdown": report["markdown"],
-               "timings": timings, "best_weights": search["best_weights_used"],
-               "best_val_score": search["best_score"], "router": router}
+               "timings": timings, "best_weights": search.best_weights_used,
+               "best_val_score": search.best_score, "router": router}
     storage.write_json(run_dir.file("summary.json"), summary)
     return summary
 
 
-def evaluator_adapters(cfg: ExperimentConfig, manifests: list[dict]) -> dict[str, str]:
+def evaluator_adapters(cfg: ExperimentConfig, manifests: list[RunManifest]) -> dict[str, str]:
     from emorl_ray.training.launch import baseline_runs, ensemble_adapters
 
-    return ensemble_adapters(cfg, manifests) | {m["name"]: m["adapter_path"]
-                                                for m in baseline_runs(cfg, manifests) if m["lora"]}
+    return ensemble_adapters(cfg, manifests) | {m.name: m.adapter_path for m in baseline_runs(cfg, manifests) if m.lora}
 
 
-def evaluate_and_report(cfg: ExperimentConfig, run_dir: RunDir, data_summary: dict, manifests: list[dict],
-                        search: dict, baselines: list[dict], compared: dict) -> dict[str, str]:
+def evaluation_stage(cfg: ExperimentConfig, run_dir: RunDir, manifests: list[RunManifest], search: SearchResult,
+                     baselines: list[RunManifest], compared: dict) -> dict[str, str]:
     """Stage 4, with the evaluator deployed: every method on the test split, then the report."""
-    from emorl_ray.evaluation import evaluate
-    from emorl_ray.report import write_report
+    from emorl_ray.evaluation.methods import evaluate_methods
+    from emorl_ray.evaluation.report import write_report
 
-    evaluation, samples = evaluate(cfg, run_dir, search["best_weights"], manifests, baselines, compared)
-    return write_report(run_dir, cfg, data_summary, manifests, search, evaluation, samples,
-                        cfg.evaluation.num_samples_in_report)
+    evaluation, samples = evaluate_methods(cfg, run_dir, search.best_weights, manifests, baselines, compared)
+    return write_report(run_dir, cfg, manifests, search, evaluation, samples)
 
 
 # What jobs/evaluate.py may change: how the methods are evaluated, never what was trained or searched.
@@ -235,7 +233,7 @@ def evaluate_run(location: str, overrides: dict | None = None) -> dict:
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
-    from emorl_ray.training.launch import baseline_runs, read_manifest
+    from emorl_ray.training.launch import baseline_runs
 
     run_dir = RunDir.at(location)
     if not run_dir.exists():
@@ -247,33 +245,31 @@ def evaluate_run(location: str, overrides: dict | None = None) -> dict:
                               "search.evaluator_*, search.batch_size); other fields are what the run was "
                               "trained and searched with: run jobs/train_all.py with a new name instead")
     cfg = run_dir.load_config(overrides)
-    search_file = storage.join(run_dir.search(), "result.json")
-    if not storage.is_file(search_file):
-        raise ConfigError("run_dir", f"{search_file} does not exist: the run's search has not finished; "
-                          f"resume it with jobs/train_all.py --resume {run_dir}")
-    search = storage.read_json(search_file)
-    manifests = read_manifest(run_dir)
+    if not run_dir.has_search_result():
+        raise ConfigError("run_dir", f"{run_dir.search_result_file()} does not exist: the run's search has not "
+                          f"finished; resume it with jobs/train_all.py --resume {run_dir}")
+    search = run_dir.search_result()
+    manifests = run_dir.runs()
     compared = {}
     for a in cfg.search.compare_aggregations:
-        f = storage.join(run_dir.search(a), "result.json")
-        if not storage.is_file(f):
-            raise ConfigError("search.compare_aggregations", f"{f} does not exist: resume the run with "
-                              "jobs/train_all.py to finish that search")
-        compared[a] = storage.read_json(f)["best_weights"]
-    data_summary = load_splits(cfg.data, cfg.faithful).summary()
+        if not run_dir.has_search_result(a):
+            raise ConfigError("search.compare_aggregations", f"{run_dir.search_result_file(a)} does not exist: "
+                              "resume the run with jobs/train_all.py to finish that search")
+        compared[a] = run_dir.search_result(a).best_weights
+    # The report reads the split sizes from here (runs from before it was written lack it).
+    storage.write_json(run_dir.file("data_split.json"), load_splits(cfg.data, cfg.faithful).summary())
     t = time.time()
     with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
         check_cluster(cfg, training=False)
         trained_scorers(cfg, train=False)
         deploy_scorers(cfg)
         deploy_evaluator(cfg, evaluator_adapters(cfg, manifests))
-        report = evaluate_and_report(cfg, run_dir, data_summary, manifests, search,
-                                     baseline_runs(cfg, manifests), compared)
+        report = evaluation_stage(cfg, run_dir, manifests, search, baseline_runs(cfg, manifests), compared)
     return {"run_dir": str(run_dir), "report": report["html"], "report_markdown": report["markdown"],
             "eval_wall_s": time.time() - t, "metrics": run_dir.eval_metrics}
 
 
-def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[dict]:
+def train_objectives(cfg: ExperimentConfig, objectives: list[str]) -> list[RunManifest]:
     """Train more objectives into an existing run directory (`jobs/train_objective.py`).
 
     `cfg` must be the run's experiment plus these objectives. The run's config.yaml becomes `cfg`,

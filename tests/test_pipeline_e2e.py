@@ -17,7 +17,7 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     import ray
 
     from emorl_ray.config import parse_config
-    from emorl_ray.pipeline import run
+    from emorl_ray.pipeline import run_pipeline
 
     secret = "emorl-test-secret-5f1c9a"  # a credential in the environment must not reach the run directory
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
@@ -36,7 +36,7 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     raw["search"]["compare_aggregations"] = ["parameter"]
     raw["search"]["router"] = True  # the per-prompt router as a stage, and its row in the tables
     tiny_config = parse_config(raw)
-    summary = run(tiny_config)
+    summary = run_pipeline(tiny_config)
     run_dir = Path(tiny_config.run_dir.location)
     assert summary["run_dir"] == str(run_dir)
 
@@ -108,7 +108,7 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
 
     # Re-running the same experiment resumes: nothing is trained or searched again.
     trial_dirs = sorted(p.name for p in (run_dir / "ray" / "search-overlap-brevity").iterdir() if p.is_dir())
-    again = run(tiny_config)
+    again = run_pipeline(tiny_config)
     assert again["best_weights"] == summary["best_weights"]
     assert sorted(p.name for p in (run_dir / "ray" / "search-overlap-brevity").iterdir() if p.is_dir()) == trial_dirs
     assert json.loads((run_dir / "training" / "manifest.json").read_text())["runs"] == manifest
@@ -122,9 +122,9 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
         train_objectives(parse_config({**raw, "seed": 1}), ["vowels"])
     bigger = parse_config(raw)
     runs = train_objectives(bigger, ["vowels"])
-    assert {m["name"] for m in runs} == {"overlap", "brevity", "uniform", "dynaopt", "vowels"}
-    assert [m for m in runs if m["name"] != "vowels"] == manifest  # the earlier runs are kept as they were
-    summary3 = run(bigger)
+    assert {m.name for m in runs} == {"overlap", "brevity", "uniform", "dynaopt", "vowels"}
+    assert [m.to_dict() for m in runs if m.name != "vowels"] == manifest  # the earlier runs are kept as they were
+    summary3 = run_pipeline(bigger)
     assert set(summary3["best_weights"]) == {"overlap", "brevity", "vowels"}
     points3 = pq.read_table(run_dir / "search" / "points.parquet").to_pylist()
     assert all("w/vowels" in p for p in points3) and len(points3) > len(points)

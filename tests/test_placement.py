@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import tiny_raw_config
 
-from emorl_ray.config import ConfigError, parse_config
+from emorl_ray.config import ConfigError, load_config, parse_config
 from emorl_ray.placement import check_fits, resource_requests
 from emorl_ray.rundir import RunDir
 
@@ -146,10 +146,26 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
         manifests = train_runs(cfg, RunDir.at(tmp_path / "run"), single_objective_jobs(cfg))
         where = {}
         for m in manifests:
-            rows = [r for r in pq.read_table(m["metrics_path"]).to_pylist() if r["kind"] == "val"]
-            where[m["name"]] = rows[-1]["node_id"]
+            rows = [r for r in pq.read_table(m.metrics_path).to_pylist() if r["kind"] == "val"]
+            where[m.name] = rows[-1]["node_id"]
         assert set(where.values()) <= {n.node_id for n in trainer_nodes}
         assert len(set(where.values())) == 2, f"both trainers on one node: {json.dumps(where)}"
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_the_one_gpu_node_config_fits_one_gpu_node_and_not_a_cpu_one(tiny_causal):
+    """configs/gpu_one_node.yaml: the three trainers, the scorers and the evaluator as fractions of
+    one GPU. All three trainers run beside the scorers at once; nothing fits without a GPU."""
+    cfg = load_config("configs/gpu_one_node.yaml", {"model.id": tiny_causal})
+    requests = resource_requests(cfg)
+    node = {"CPU": 16.0, "GPU": 1.0}
+    assert check_fits(requests, [node]) == {"training": "fits", "search": "fits"}
+    trainers = dict((f, r) for f, r, _ in requests)["training.scaling"]
+    scorers = sum(r.get("GPU", 0) * n for f, r, n in requests if f.startswith("objectives."))
+    assert len(cfg.objective_names) * trainers["GPU"] + scorers <= node["GPU"]
+    assert len(cfg.objective_names) * trainers["CPU"] + sum(
+        r["CPU"] * n for f, r, n in requests if f.startswith("objectives.")) <= node["CPU"]
+    with pytest.raises(ConfigError, match="no node"):
+        check_fits(requests, [{"CPU": 16.0}])

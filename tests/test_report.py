@@ -9,9 +9,11 @@ import pytest
 from conftest import tiny_raw_config
 
 from emorl_ray.config import parse_config
-from emorl_ray.evaluation import methods_to_evaluate, per_prompt_means, result_row
-from emorl_ray.pareto import hypervolume, non_dominated, pareto_summary
-from emorl_ray.storage import write_parquet
+from emorl_ray.evaluation.methods import methods_to_evaluate, result_row
+from emorl_ray.evaluation.pareto import hypervolume, non_dominated, pareto_summary
+from emorl_ray.evaluation.stats import per_prompt_means
+from emorl_ray.rundir import EvalResult, RunManifest, SearchResult
+from emorl_ray.storage import write_json, write_parquet
 
 
 def test_non_dominated_on_a_known_set():
@@ -57,7 +59,7 @@ def test_per_prompt_means_and_result_row():
     assert per_prompt_means([1, 2, 3, 3, 4, 5], 3) == [2, 3, 4]
     res = {"n": 4, "prompts": ["a b", "c d"] * 2, "responses": ["a b", "x y", "a b", "x z"],
            "scores": {"o1": [1.0, 0.0, 0.0, 0.0], "o2": [0.5, 0.5, 0.5, 0.5]}}
-    cost = {"o1": {"data_points": 8, "train_seconds": 2.0}, "o2": {"data_points": 4, "train_seconds": 1.0}}
+    cost = {"o1": (8, 2.0), "o2": (4, 1.0)}  # run -> (data points, seconds)
     row = result_row("m", {"weights": {"o1": 1, "o2": 1}, "runs": ["o1", "o2"]}, res, ["o1", "o2"], cost, 2)
     assert row["o1"] == pytest.approx(0.25) and row["o2"] == 0.5 and row["average"] == pytest.approx(0.375)
     assert row["edit_rate"] == pytest.approx(0.5 * 0 + 0.5 * 1)  # two copies, two full rewrites
@@ -65,7 +67,10 @@ def test_per_prompt_means_and_result_row():
 
 
 def test_methods_to_evaluate_groups():
-    base = [{"name": "uniform", "lora": True}]
+    base = [RunManifest(name="uniform", seed=0, method="uniform", reward_weights={"a": 0.5, "b": 0.5}, lora=True,
+                        steps=1, data_points=1, train_seconds=1.0, converged=False, trained_steps=1,
+                        trained_data_points=1, final_val_score=None, metrics_path="", ray_checkpoint="",
+                        adapter_path="/x")]
     all_ = methods_to_evaluate(["a", "b"], {"a": 1, "b": 0}, base, {"logit": {"a": 1, "b": 1}})
     assert list(all_) == ["base model", "single: a", "single: b", "ensemble, equal weights",
                           "EMORL (searched weights)", "logit aggregation (searched weights)", "baseline: uniform"]
@@ -94,17 +99,18 @@ def _fake_run(tmp_path, tiny_causal):
             if step % 2 == 0:
                 rows.append({"kind": "val", "step": step, "data_points": 2 * step, "val_score": 0.2 * step})
         write_parquet(str(run_dir / "training" / o / "metrics.parquet"), rows)
-        manifests.append({"name": o, "seed": 0, "method": "single", "steps": 4, "data_points": 8,
-                          "train_seconds": 3.0, "converged": False, "final_val_score": 0.8,
-                          "metrics_path": str(run_dir / "training" / o / "metrics.parquet")})
+        manifests.append(RunManifest(name=o, seed=0, method="single", reward_weights={o: 1.0}, lora=True, steps=4,
+                                     data_points=8, train_seconds=3.0, converged=False, trained_steps=4,
+                                     trained_data_points=8, final_val_score=0.8, ray_checkpoint="",
+                                     metrics_path=str(run_dir / "training" / o / "metrics.parquet")))
     points = [{"level": 1, **{f"w/{o}": float(i == j) for j, o in enumerate(obj)}, "score": 0.3 + i / 10,
                **{f"score/{o}": 0.2 + 0.3 * (i == j) for j, o in enumerate(obj)}} for i in range(3)]
     write_parquet(str(run_dir / "search" / "points.parquet"), points)
     best = {o: float(j == 2) for j, o in enumerate(obj)}
     ternary_heatmap(points, obj, str(run_dir / "search" / "heatmap.png"), best=best)
-    search = {"aggregation": "hidden_state", "parameterization": "simplex", "levels": 1, "trials": 3,
-              "failed_trials": 0, "best_score": 0.5, "best_weights": best, "best_weights_used": best,
-              "weights_scale_invariant": True}
+    search = SearchResult(aggregation="hidden_state", parameterization="simplex", levels=1, trials=3,
+                          failed_trials=0, best_score=0.5, best_weights=best, best_weights_used=best,
+                          weights_scale_invariant=True, best_per_objective={o: 0.5 for o in obj})
 
     def row(name, v):
         return {"method": name, **{o: v for o in obj}, **{f"{o}_ci95": 0.01 for o in obj}, "average": v,
@@ -120,6 +126,7 @@ def _fake_run(tmp_path, tiny_causal):
                               "methods": [dict(m, n_generations=4) for m in methods]}],
                   "pareto": pareto_summary(points, obj, methods)}
     evaluation["pareto"]["methods_table"] = {"split": "test", "decoding": "greedy"}
+    evaluation = EvalResult.from_dict({**evaluation, "evaluation": {}})
     samples = [{"split": "test", "decoding": d, "method": m["method"], "i": i, "pass": 0,
                 "prompt": f"prompt <{i}>", "response": f"reply {i}"}
                for d in ("greedy", "sampled") for m in methods for i in range(2)]
@@ -127,11 +134,12 @@ def _fake_run(tmp_path, tiny_causal):
 
 
 def test_report_has_every_section_and_figure(tmp_path, tiny_causal):
-    from emorl_ray.report import write_report
+    from emorl_ray.evaluation.report import write_report
 
     cfg, run_dir, manifests, search, evaluation, samples = _fake_run(tmp_path, tiny_causal)
-    out = write_report(cfg.run_dir, cfg, {"sizes": {"train": 4, "val": 2, "test": 2}, "dropped": {}}, manifests,
-                       search, evaluation, samples, samples_per_method=2)
+    write_json(str(run_dir / "data_split.json"), {"sizes": {"train": 4, "val": 2, "test": 2}, "dropped": {}})
+    cfg.evaluation.num_samples_in_report = 2
+    out = write_report(cfg.run_dir, cfg, manifests, search, evaluation, samples)
     md, page = Path(out["markdown"]).read_text(), Path(out["html"]).read_text()
     for section in ("## Data", "## Stage 1: training", "## Stages 2+3: hierarchical search",
                     "## Test split, greedy decoding (2 prompts)",
@@ -153,10 +161,11 @@ def test_report_renders_in_headless_chromium(tmp_path, tiny_causal):
     """Render report.html offline and check the screenshot is a page with content, not blank."""
     from PIL import Image
 
-    from emorl_ray.report import write_report
+    from emorl_ray.evaluation.report import write_report
 
     cfg, run_dir, manifests, search, evaluation, samples = _fake_run(tmp_path, tiny_causal)
-    out = write_report(cfg.run_dir, cfg, {"sizes": {}, "dropped": {}}, manifests, search, evaluation, samples)
+    write_json(str(run_dir / "data_split.json"), {"sizes": {}, "dropped": {}})
+    out = write_report(cfg.run_dir, cfg, manifests, search, evaluation, samples)
     shot = tmp_path / "shot.png"
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,3000",

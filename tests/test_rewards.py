@@ -3,7 +3,7 @@ import math
 import pytest
 
 from emorl_ray.config import ModelConfig, ScorerConfig
-from emorl_ray.evaluation import distinct_2, distinct_2_authors, edit_rate, loop_rate, mean_ci
+from emorl_ray.evaluation.stats import distinct_2, distinct_2_authors, edit_rate, loop_rate, mean_ci
 from emorl_ray.rewards import LocalRewards, ScorerError, build_scorer, check_scores
 from emorl_ray.rewards.empathy import EmpathyLexicon
 from emorl_ray.rewards.fluency import PerplexityFluency

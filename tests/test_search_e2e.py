@@ -42,7 +42,7 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
         for f in exp.glob("experiment_state-*.json"):
             f.unlink()
         again = run_search(cfg, cfg.run_dir, ["overlap", "brevity"])
-        assert again["trials"] == 9 and again["failed_trials"] == 0 and again["best_score"] == result["best_score"]
+        assert again.trials == 9 and again.failed_trials == 0 and again.best_score == result.best_score
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -55,6 +55,6 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
         if total:
             assert p["used/overlap"] == pytest.approx(p["w/overlap"] / total)
     saved = json.loads((Path(cfg.run_dir.search()) / "result.json").read_text())
-    assert saved == result and result["weights_scale_invariant"]
-    total = sum(result["best_weights"].values())
-    assert result["best_weights_used"] == pytest.approx({o: w / total for o, w in result["best_weights"].items()})
+    assert saved == result.to_dict() and result.weights_scale_invariant
+    total = sum(result.best_weights.values())
+    assert result.best_weights_used == pytest.approx({o: w / total for o, w in result.best_weights.items()})

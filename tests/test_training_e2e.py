@@ -76,10 +76,10 @@ def test_sigkilled_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_p
     assert all(not Path(f"/proc/{pid}").exists() for pid in killed)
     failed = result["m"]
     for key in ("steps", "data_points", "final_val_score", "converged"):
-        assert failed[key] == clean[key], key
-    assert clean["steps"] == 8 and clean["data_points"] == 16
-    a = pq.read_table(clean["metrics_path"]).to_pylist()
-    b = pq.read_table(failed["metrics_path"]).to_pylist()
+        assert getattr(failed, key) == getattr(clean, key), key
+    assert clean.steps == 8 and clean.data_points == 16
+    a = pq.read_table(clean.metrics_path).to_pylist()
+    b = pq.read_table(failed.metrics_path).to_pylist()
     assert [r["step"] for r in a] == [r["step"] for r in b]  # no step logged twice
     assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
 
@@ -98,9 +98,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers
                  hooks=[FailOnce(step=4, marker=str(marker), corrupt_checkpoints_in=str(storage))])
     assert marker.exists()
     for key in ("steps", "data_points", "final_val_score", "converged"):
-        assert failed[key] == clean[key], key
-    a = pq.read_table(clean["metrics_path"]).to_pylist()
-    b = pq.read_table(failed["metrics_path"]).to_pylist()
+        assert getattr(failed, key) == getattr(clean, key), key
+    a = pq.read_table(clean.metrics_path).to_pylist()
+    b = pq.read_table(failed.metrics_path).to_pylist()
     assert [r["step"] for r in a] == [r["step"] for r in b]  # steps 3-4 trained again, logged once
     assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
     assert len([p for p in storage.glob("checkpoint_*") if p.is_dir()]) == cfg.training.keep_checkpoints
@@ -123,9 +123,9 @@ def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_pa
     after = serve_replicas(app_name("overlap"))
     assert len(after) == len(before) and not set(after) & set(before)  # replaced, not the same actors
     for key in ("steps", "data_points", "final_val_score"):
-        assert killed[key] == clean[key], key
-    a = pq.read_table(clean["metrics_path"]).to_pylist()
-    b = pq.read_table(killed["metrics_path"]).to_pylist()
+        assert getattr(killed, key) == getattr(clean, key), key
+    a = pq.read_table(clean.metrics_path).to_pylist()
+    b = pq.read_table(killed.metrics_path).to_pylist()
     assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
     assert all(r["scorer_retries"] == 0 for r in b if r["kind"] == "train")  # the router went to the new replica
 
@@ -164,9 +164,9 @@ def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tm
 
     cfg = ray_with_scorers
     manifests = train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))
-    assert {m["name"] for m in manifests} == {"overlap", "brevity"}
+    assert {m.name for m in manifests} == {"overlap", "brevity"}
     runs = json.loads((tmp_path / "training" / "manifest.json").read_text())["runs"]
-    assert runs == manifests
+    assert runs == [m.to_dict() for m in manifests]
     again = train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))  # finished runs are not redone
     assert again == manifests
 
@@ -218,17 +218,17 @@ def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers
 
     cfg = _config(ray_with_scorers, **{"baselines.methods": ["uniform", "dynaopt"], "baselines.full_finetune": True,
                                        "training.max_steps": 4})
-    runs = {m["name"]: m for m in train_runs(cfg, RunDir.at(tmp_path), baseline_jobs(cfg))}
+    runs = {m.name: m for m in train_runs(cfg, RunDir.at(tmp_path), baseline_jobs(cfg))}
     assert set(runs) == {"uniform", "dynaopt"}
     for m in runs.values():
-        assert not m["lora"] and m["steps"] == 4 and m["data_points"] == 8
-        AutoModelForCausalLM.from_pretrained(m["model_path"])  # a plain from_pretrained directory
-        rows = pq.read_table(m["metrics_path"]).to_pylist()
+        assert not m.lora and m.steps == 4 and m.data_points == 8
+        AutoModelForCausalLM.from_pretrained(m.model_path)  # a plain from_pretrained directory
+        rows = pq.read_table(m.metrics_path).to_pylist()
         val = [r for r in rows if r["kind"] == "val"]
         assert all(r["val/overlap"] is not None and r["val/brevity"] is not None for r in val)
-    train_rows = [r for r in pq.read_table(runs["uniform"]["metrics_path"]).to_pylist() if r["kind"] == "train"]
+    train_rows = [r for r in pq.read_table(runs["uniform"].metrics_path).to_pylist() if r["kind"] == "train"]
     assert all(r["weight/overlap"] == r["weight/brevity"] == 0.5 for r in train_rows)
-    dyn = [r for r in pq.read_table(runs["dynaopt"]["metrics_path"]).to_pylist() if r["kind"] == "train"]
+    dyn = [r for r in pq.read_table(runs["dynaopt"].metrics_path).to_pylist() if r["kind"] == "train"]
     assert all(abs(r["weight/overlap"] + r["weight/brevity"] - 1) < 1e-9 for r in dyn)
 
     # The evaluator loads a fully fine-tuned baseline on demand and decodes it like the others.
@@ -241,7 +241,7 @@ def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers
     deploy_evaluator(cfg, adapters)
     try:
         handle = serve.get_app_handle(APP_NAME)
-        full = handle.evaluate.remote(None, "test", 4, True, runs["uniform"]["model_path"]).result()
+        full = handle.evaluate.remote(None, "test", 4, True, runs["uniform"].model_path).result()
         base = handle.evaluate.remote(None, "test", 4, True).result()
         assert full["n"] == base["n"] == len(full["responses"]) and set(full["per_objective"]) == {"overlap", "brevity"}
         mixed = handle.evaluate.remote({"overlap": 1.0}, "test", 4, True, None, "logit").result()  # brevity: 0
@@ -258,10 +258,10 @@ def test_two_workers_train_one_adapter_with_ddp(ray_with_scorers, tmp_path):
     cfg = _config(ray_with_scorers, **{"training.scaling.num_workers": 2, "training.scaling.cpus_per_worker": 0.25,
                                        "training.max_steps": 2, "training.storage_path": f"file://{tmp_path}/store"})
     m = fit(cfg, RunDir.at(tmp_path), TrainJob("overlap", {"overlap": 1.0}, seed=0))
-    assert m["steps"] == 2 and m["data_points"] == 2 * 2 * 2  # steps x batch x workers
-    rows = pq.read_table(m["metrics_path"]).to_pylist()
+    assert m.steps == 2 and m.data_points == 2 * 2 * 2  # steps x batch x workers
+    rows = pq.read_table(m.metrics_path).to_pylist()
     assert [r["step"] for r in rows if r["kind"] == "val"] == [2]
-    assert m["ray_checkpoint"].startswith(str(tmp_path / "store"))
+    assert m.ray_checkpoint.startswith(str(tmp_path / "store"))
 
 
 def test_faithful_training_runs_on_to_the_end_of_the_epoch(ray_with_scorers, tmp_path):
@@ -273,5 +273,5 @@ def test_faithful_training_runs_on_to_the_end_of_the_epoch(ray_with_scorers, tmp
                                        "training.convergence": {"window": 2, "threshold": 100.0}})
     m = fit(cfg, RunDir.at(tmp_path), TrainJob("brevity", {"brevity": 1.0}, seed=0))
     # 20 rows -> 16 training prompts -> 8 steps an epoch at batch 2; converged at the 2nd validation.
-    assert m["converged"] and (m["steps"], m["data_points"]) == (4, 8)
-    assert (m["trained_steps"], m["trained_data_points"]) == (8, 16)
+    assert m.converged and (m.steps, m.data_points) == (4, 8)
+    assert (m.trained_steps, m.trained_data_points) == (8, 16)

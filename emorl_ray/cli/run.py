@@ -49,14 +49,14 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
-    from emorl_ray.pipeline import check, run
+    from emorl_ray.pipeline import check, run_pipeline
 
     try:
         if args.check:
             print(json.dumps(check(cfg), indent=2))
             print("\nThe job can run: start it without --check.")
             return 0
-        summary = run(cfg)
+        summary = run_pipeline(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

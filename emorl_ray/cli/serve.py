@@ -16,6 +16,39 @@ import time
 from emorl_ray.config import ConfigError
 
 
+class UsageError(Exception):
+    """What is wrong with the command line or the run directory: the message to print (exit 2)."""
+
+
+def _what_to_serve(args):
+    """The run's config, adapters, default weights, router and bandit state, or UsageError."""
+    from emorl_ray import storage
+    from emorl_ray.rundir import RunDir
+    from emorl_ray.training.launch import ensemble_adapters
+
+    run_dir = RunDir.at(args.run_dir)
+    if not run_dir.exists() or not storage.is_file(run_dir.manifest):
+        raise UsageError(f"error: --run-dir {args.run_dir}: no config.yaml and training/manifest.json; "
+                         "point it at a finished jobs/train_all.py run")
+    overrides = {k: v for k, v in (("serving.host", args.host), ("serving.port", args.port)) if v is not None}
+    try:
+        cfg = run_dir.load_config(overrides)
+    except ConfigError as e:
+        raise UsageError(f"config error: {e}") from None
+    try:
+        adapters = ensemble_adapters(cfg, run_dir.runs())
+    except RuntimeError as e:
+        raise UsageError(f"error: --run-dir {args.run_dir}: {e}") from None
+    default_weights = run_dir.search_result().best_weights if run_dir.has_search_result() else None
+    router = run_dir.router if storage.is_file(storage.join(run_dir.router, "router.json")) else None
+    if args.bandit and router is None:
+        raise UsageError(f"error: --bandit needs the run's router; fit it first: python jobs/train_router.py {run_dir}")
+    if args.bandit and cfg.serving.num_replicas != 1:
+        raise UsageError("error: --bandit: the bandit learns in one replica; set serving.num_replicas to 1")
+    bandit = run_dir.file("bandit", "state.json") if args.bandit else None
+    return cfg, adapters, default_weights, router, bandit
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", required=True, help="a run directory written by jobs/train_all.py (path or URI)")
@@ -25,26 +58,10 @@ def main(argv=None) -> int:
                     help="also serve weights 'bandit': a contextual bandit over the searched weights that learns "
                          "from the scorers (needs the run's router; deploys the scorers; state in <run>/bandit/)")
     args = ap.parse_args(argv)
-    from emorl_ray import storage
-    from emorl_ray.rundir import RunDir
-
-    run_dir = RunDir.at(args.run_dir)
-    if not run_dir.exists() or not storage.is_file(run_dir.manifest):
-        print(f"error: --run-dir {args.run_dir}: no config.yaml and training/manifest.json; "
-              "point it at a finished jobs/train_all.py run", file=sys.stderr)
-        return 2
-    overrides = {k: v for k, v in (("serving.host", args.host), ("serving.port", args.port)) if v is not None}
     try:
-        cfg = run_dir.load_config(overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from emorl_ray.training.launch import ensemble_adapters, read_manifest
-
-    try:
-        adapters = ensemble_adapters(cfg, read_manifest(run_dir))
-    except RuntimeError as e:
-        print(f"error: --run-dir {args.run_dir}: {e}", file=sys.stderr)
+        cfg, adapters, default_weights, router, bandit = _what_to_serve(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
         return 2
 
     import ray
@@ -53,17 +70,6 @@ def main(argv=None) -> int:
     from emorl_ray.ensemble.http import deploy_http
     from emorl_ray.pipeline import connect_ray
 
-    searched = run_dir.file("search", "result.json")
-    default_weights = storage.read_json(searched)["best_weights"] if storage.is_file(searched) else None
-    router = run_dir.router if storage.is_file(storage.join(run_dir.router, "router.json")) else None
-    if args.bandit and router is None:
-        print(f"error: --bandit needs the run's router; fit it first: python jobs/train_router.py {run_dir}",
-              file=sys.stderr)
-        return 2
-    if args.bandit and cfg.serving.num_replicas != 1:
-        print("error: --bandit: the bandit learns in one replica; set serving.num_replicas to 1", file=sys.stderr)
-        return 2
-    bandit = run_dir.file("bandit", "state.json") if args.bandit else None
     connect_ray()
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     if bandit is not None:  # the bandit learns from the scorers' rewards
@@ -84,4 +90,3 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
-

@@ -115,7 +115,7 @@ def fit_run_router(cfg, run_dir) -> dict:
     from emorl_ray.data import load_splits
     from emorl_ray.rewards.similarity import EmbeddingSimilarity
 
-    points_file = storage.join(run_dir.search(), "points.parquet")
+    points_file = run_dir.points_file()
     if not storage.is_file(points_file):
         raise FileNotFoundError(f"{points_file} does not exist: the run's search has not finished")
     # The evaluator scored the validation prompts in this order (ensemble/deployment.py).

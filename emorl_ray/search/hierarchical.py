@@ -26,9 +26,10 @@ from typing import Optional
 
 from ray.tune.search import Searcher
 
+from emorl_ray.config import PARAMETERIZATIONS
+
 log = logging.getLogger(__name__)
 
-PARAMETERIZATIONS = ("simplex", "cube")
 
 
 def _key(point) -> str:

@@ -18,7 +18,7 @@ def ternary_heatmap(points: list[dict], objectives: list[str], path: str, best: 
                     search_path: list | None = None, title: str = "") -> str:
     """`points`: rows with `w/<objective>` and `score`; `search_path`: the searcher's chosen region
     per level (drawn for the simplex mode, whose regions are triangles; cube boxes are not drawn)."""
-    from emorl_ray.plots import pyplot, save_figure
+    from emorl_ray.evaluation.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.8))

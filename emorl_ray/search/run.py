@@ -18,7 +18,7 @@ from emorl_ray.config import ExperimentConfig
 from emorl_ray.ensemble.deployment import APP_NAME
 from emorl_ray.ensemble.weights import weights_used
 from emorl_ray.metrics import record_trial
-from emorl_ray.rundir import RunDir
+from emorl_ray.rundir import RunDir, SearchResult
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 METRIC = "score"
 
 
-def evaluate_weights(config: dict) -> None:
+def weights_trial(config: dict) -> None:
     """Tune function trainable: one weight vector, one validation decode, one score."""
     weights = config["weights"]
     handle = serve.get_app_handle(config["app"])
@@ -62,17 +62,13 @@ def searcher_state(exp_path: str) -> dict:
     return storage.read_json(storage.join(exp_path, files[-1][1])) if files else {}
 
 
-def run_search(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], aggregation: str | None = None) -> dict:
-    """Search the weights of `aggregation` (default: search.aggregation). Results go to `search/`,
-    or to `search/<aggregation>/` for the comparisons of search.compare_aggregations."""
+def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], aggregation: str,
+               name: str) -> tune.Tuner:
+    """A new Tune experiment with the hierarchical searcher, or the saved one restored (finished
+    trials are not run again)."""
     se = cfg.search
-    aggregation = aggregation or se.aggregation
-    main = aggregation == se.aggregation
-    out_dir = run_dir.search(None if main else aggregation)
-    # One experiment per set of adapters: adding an objective (jobs/train_objective.py) starts a new search.
-    name = "search-" + ("" if main else aggregation + "-") + "-".join(objectives)
     exp_path = storage.join(run_dir.ray_storage, name)
-    trainable = tune.with_resources(evaluate_weights, {"cpu": se.trial_cpus})
+    trainable = tune.with_resources(weights_trial, {"cpu": se.trial_cpus})
     # Tune saves the experiment state (what a restore knows is finished) at most every 10 s by
     # default; trials here take seconds, so a killed driver would redo several. Save every second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -84,59 +80,74 @@ def run_search(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
         storage.remove_dir(exp_path)
     if tune.Tuner.can_restore(exp_path):
         log.info("resuming the search from %s", exp_path)
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        searcher = HierarchicalGridSearcher(objectives, metric=METRIC, mode="max", levels=se.levels,
-                                            parameterization=se.parameterization, cache=se.cache)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens, "aggregation": aggregation},
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
-                                        max_concurrent_trials=se.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=run_dir.ray_storage,
-                                      failure_config=tune.FailureConfig(max_failures=se.max_failures), verbose=1,
-                                      callbacks=[SearchProgress(aggregation, se.levels)]),
-        )
-    grid = tuner.fit()
+        return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False)
+    searcher = HierarchicalGridSearcher(objectives, metric=METRIC, mode="max", levels=se.levels,
+                                        parameterization=se.parameterization, cache=se.cache)
+    return tune.Tuner(
+        trainable,
+        param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens, "aggregation": aggregation},
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                                    max_concurrent_trials=se.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=run_dir.ray_storage,
+                                  failure_config=tune.FailureConfig(max_failures=se.max_failures), verbose=1,
+                                  callbacks=[SearchProgress(aggregation, se.levels)]),
+    )
+
+
+def searched_points(grid, objectives: list[str], aggregation: str) -> list[dict]:
+    """One row per trial: its weights as searched and as decoded, its scores (None if it failed)."""
     points = []
     for r in grid:
         if r.config is None or "weights" not in r.config:
             continue
-        score = (r.metrics or {}).get(METRIC)
+        metrics = r.metrics or {}
+        score = metrics.get(METRIC)
         ok = r.error is None and score is not None and math.isfinite(score)
-        points.append({"level": r.config.get("level"), **{f"w/{o}": r.config["weights"][o] for o in objectives},
+        w = [r.config["weights"][o] for o in objectives]
+        # What the decoder applied (the weight convention of ensemble/weights.py).
+        used = weights_used(w, objectives, aggregation) if sum(w) > 0 else dict.fromkeys(objectives, 0.0)
+        points.append({"level": r.config.get("level"), **{f"w/{o}": x for o, x in zip(objectives, w)},
                        "score": score if ok else None,
-                       **{f"score/{o}": (r.metrics or {}).get(f"score/{o}") for o in objectives},
-                       **{f"prompt_scores/{o}": (r.metrics or {}).get(f"prompt_scores/{o}") for o in objectives},
-                       "error": None if r.error is None else str(r.error)[:500]})
+                       **{f"score/{o}": metrics.get(f"score/{o}") for o in objectives},
+                       **{f"prompt_scores/{o}": metrics.get(f"prompt_scores/{o}") for o in objectives},
+                       "error": None if r.error is None else str(r.error)[:500],
+                       **{f"used/{o}": used[o] for o in objectives}})
     # Tune's result order is not stable across restores: sort, so ties break the same way every time.
     points.sort(key=lambda p: (p["level"] or 0, [-p[f"w/{o}"] for o in objectives]))
+    return points
+
+
+def run_search(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str],
+               aggregation: str | None = None) -> SearchResult:
+    """Search the weights of `aggregation` (default: search.aggregation). Results go to `search/`,
+    or to `search/<aggregation>/` for the comparisons of search.compare_aggregations."""
+    se = cfg.search
+    aggregation = aggregation or se.aggregation
+    out = None if aggregation == se.aggregation else aggregation
+    # One experiment per set of adapters: adding an objective (jobs/train_objective.py) starts a new search.
+    name = "search-" + ("" if out is None else aggregation + "-") + "-".join(objectives)
+    points = searched_points(make_tuner(cfg, run_dir, objectives, aggregation, name).fit(), objectives, aggregation)
     scored = [p for p in points if p["score"] is not None]
+    exp_path = storage.join(run_dir.ray_storage, name)
     if not scored:
-        raise RuntimeError("the search finished without a single successful trial; see the Tune logs in "
-                           f"{exp_path}")
+        raise RuntimeError(f"the search finished without a single successful trial; see the Tune logs in {exp_path}")
     best = max(scored, key=lambda p: p["score"])
-    for p in points:  # what the decoder applied at each point (the weight convention of ensemble/)
-        w = [p[f"w/{o}"] for o in objectives]
-        used = weights_used(w, objectives, aggregation) if sum(w) > 0 else dict.fromkeys(objectives, 0.0)
-        p.update({f"used/{o}": used[o] for o in objectives})
-    result = {"aggregation": aggregation, "parameterization": se.parameterization, "levels": se.levels,
-              "trials": len(points),
-              "failed_trials": len(points) - len(scored), "best_score": best["score"],
-              "best_weights": {o: best[f"w/{o}"] for o in objectives},
-              "best_weights_used": {o: best[f"used/{o}"] for o in objectives},
-              "weights_scale_invariant": aggregation != "parameter",
-              "best_per_objective": {o: best[f"score/{o}"] for o in objectives}}
-    state = searcher_state(exp_path)
-    result["path"] = state.get("path", [])
-    storage.write_parquet(storage.join(out_dir, "points.parquet"), points)
+    result = SearchResult(
+        aggregation=aggregation, parameterization=se.parameterization, levels=se.levels, trials=len(points),
+        failed_trials=len(points) - len(scored), best_score=best["score"],
+        best_weights={o: best[f"w/{o}"] for o in objectives},
+        best_weights_used={o: best[f"used/{o}"] for o in objectives},
+        weights_scale_invariant=aggregation != "parameter",
+        best_per_objective={o: best[f"score/{o}"] for o in objectives},
+        path=searcher_state(exp_path).get("path", []))
+    storage.write_parquet(run_dir.points_file(out), points)
     if len(objectives) == 3:
         from emorl_ray.search.plots import ternary_heatmap
 
-        ternary_heatmap(points, objectives, storage.join(out_dir, "heatmap.png"), best=result["best_weights"],
-                        search_path=result["path"],
+        ternary_heatmap(points, objectives, storage.join(run_dir.search(out), "heatmap.png"),
+                        best=result.best_weights, search_path=result.path,
                         title=f"{aggregation}: {se.parameterization} search, {len(points)} trials, "
                               f"best {best['score']:.4f}")
-    storage.write_json(storage.join(out_dir, "result.json"), result)
-    log.info("search (%s): %d trials, best %.4f at %s", aggregation, len(points), best["score"], result["best_weights"])
+    run_dir.write_search_result(result, out)
+    log.info("search (%s): %d trials, best %.4f at %s", aggregation, len(points), best["score"], result.best_weights)
     return result

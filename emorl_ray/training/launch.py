@@ -17,7 +17,7 @@ from pathlib import Path
 
 from emorl_ray import storage
 from emorl_ray.config import ExperimentConfig
-from emorl_ray.rundir import RunDir
+from emorl_ray.rundir import RunDir, RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,7 @@ def baseline_jobs(cfg: ExperimentConfig) -> list[TrainJob]:
     return [TrainJob(m, uniform, s, m, lora) for m in cfg.baselines.methods for s in cfg.training.seeds]
 
 
-def manifest_path(run_dir: RunDir, job: TrainJob) -> str:
-    return storage.join(run_dir.training_run(job.run_name), "manifest.json")
-
-
-def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | None = None) -> dict:
+def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | None = None) -> RunManifest:
     """Run (or resume) one trainer to the end and write its adapter, metrics and manifest.
     `hooks`: called by every worker before every step (`training.loop.SCSTRecipe`); tests only."""
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -62,10 +58,10 @@ def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | Non
     from emorl_ray.training.checkpoint import ADAPTER_DIR, FULL_MODEL_DIR, read_state
     from emorl_ray.training.loop import train_loop_per_worker
 
-    mpath = manifest_path(run_dir, job)
-    if storage.is_file(mpath):
-        log.info("[%s] already trained (%s); skipping", job.run_name, mpath)
-        return storage.read_json(mpath)
+    done = run_dir.read_run(job.run_name)
+    if done is not None:
+        log.info("[%s] already trained (%s); skipping", job.run_name, run_dir.run_manifest(job.run_name))
+        return done
     sc = cfg.training.scaling
     from emorl_ray.placement import trainer_worker_request
 
@@ -96,56 +92,45 @@ def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | Non
     storage.write_parquet(metrics_path, history)
     # The paper's counters stop at convergence; under `faithful` training went on to the epoch's end.
     reported = state.get("converged_at") or state
-    manifest = {
-        "name": job.name, "seed": job.seed, "method": job.method, "reward_weights": job.reward_weights,
-        "lora": job.lora,
-        "steps": reported["step"], "data_points": reported["data_points"],
-        "train_seconds": round(reported["train_seconds"], 3), "converged": state["converged"],
-        "trained_steps": state["step"], "trained_data_points": state["data_points"],
-        "final_val_score": state["val_history"][-1] if state["val_history"] else None,
-        ("adapter_path" if job.lora else "model_path"): weights_dir, "metrics_path": metrics_path,
-        "ray_checkpoint": ckpt.path,
-    }
+    manifest = RunManifest(
+        name=job.name, seed=job.seed, method=job.method, reward_weights=job.reward_weights, lora=job.lora,
+        steps=reported["step"], data_points=reported["data_points"],
+        train_seconds=round(reported["train_seconds"], 3), converged=state["converged"],
+        trained_steps=state["step"], trained_data_points=state["data_points"],
+        final_val_score=state["val_history"][-1] if state["val_history"] else None,
+        metrics_path=metrics_path, ray_checkpoint=ckpt.path,
+        **{("adapter_path" if job.lora else "model_path"): weights_dir})
     # Written last: on object storage, where a directory cannot be renamed into place, the
     # manifest is what says the adapter above is complete.
-    storage.write_json(mpath, manifest)
-    log.info("[%s] done: %d steps, %d data points, %.1f s, val %.4f", job.run_name, manifest["steps"],
-             manifest["data_points"], manifest["train_seconds"], manifest["final_val_score"] or float("nan"))
+    run_dir.write_run(job.run_name, manifest)
+    log.info("[%s] done: %d steps, %d data points, %.1f s, val %.4f", job.run_name, manifest.steps,
+             manifest.data_points, manifest.train_seconds, manifest.final_val_score or float("nan"))
     return manifest
 
 
-def train_runs(cfg: ExperimentConfig, run_dir: RunDir, jobs: list[TrainJob]) -> list[dict]:
+def train_runs(cfg: ExperimentConfig, run_dir: RunDir, jobs: list[TrainJob]) -> list[RunManifest]:
     """Fit every job concurrently (one driver thread each; `fit()` blocks on its own trainer) and
     add them to the run directory's `training/manifest.json`, which the later stages read."""
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [pool.submit(fit, cfg, run_dir, job) for job in jobs]
         manifests = [f.result() for f in futures]
-    done = {(m["name"], m["seed"]) for m in manifests}
-    earlier = storage.read_json(run_dir.manifest)["runs"] if storage.is_file(run_dir.manifest) else []
-    runs = [m for m in earlier if (m["name"], m["seed"]) not in done] + manifests
-    storage.write_json(run_dir.manifest, {"runs": runs})
+    done = {(m.name, m.seed) for m in manifests}
+    earlier = run_dir.runs() if storage.is_file(run_dir.manifest) else []
+    runs = [m for m in earlier if (m.name, m.seed) not in done] + manifests
+    run_dir.write_runs(runs)
     return runs
 
 
-def read_manifest(run_dir: RunDir) -> list[dict]:
-    if not storage.is_file(run_dir.manifest):
-        raise FileNotFoundError(f"{run_dir.manifest} does not exist: train the run first (jobs/train_all.py)")
-    return storage.read_json(run_dir.manifest)["runs"]
-
-
-def ensemble_adapters(cfg: ExperimentConfig, runs: list[dict]) -> dict[str, str]:
+def ensemble_adapters(cfg: ExperimentConfig, runs: list[RunManifest]) -> dict[str, str]:
     """The adapters the ensemble combines: each objective's single-objective run of the first seed."""
     seed = cfg.training.seeds[0]
-    found = {m["name"]: m["adapter_path"] for m in runs
-             if m.get("method", "single") == "single" and m["seed"] == seed}
+    found = {m.name: m.adapter_path for m in runs if m.is_ensemble_member and m.seed == seed}
     missing = [o for o in cfg.objective_names if o not in found]
     if missing:
         raise RuntimeError(f"no trained adapter (seed {seed}) for objectives {missing}; train them first")
     return {o: found[o] for o in cfg.objective_names}
 
 
-def baseline_runs(cfg: ExperimentConfig, runs: list[dict]) -> list[dict]:
+def baseline_runs(cfg: ExperimentConfig, runs: list[RunManifest]) -> list[RunManifest]:
     seed = cfg.training.seeds[0]
-    return [m for m in runs if m.get("method", "single") != "single" and m["seed"] == seed
-            and m["name"] in cfg.baselines.methods]
-
+    return [m for m in runs if not m.is_ensemble_member and m.seed == seed and m.name in cfg.baselines.methods]

@@ -9,7 +9,7 @@ import html
 import re
 
 from emorl_ray import storage
-from emorl_ray.rundir import RunDir
+from emorl_ray.rundir import EvalResult, RunDir, RunManifest, SearchResult
 
 
 def _fmt(x, nd=4):
@@ -41,48 +41,51 @@ def _table_title(t: dict) -> str:
     return f"{where}, {t['decoding']} decoding ({n} prompts{per})"
 
 
-def report_blocks(run_dir: RunDir, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
-                  samples: list[dict], samples_per_method: int = 3) -> list[tuple]:
-    """The report as a list of blocks: ("h1"|"h2"|"h3"|"p", text), ("table", header, rows),
-    ("img", path relative to the run directory, alt), ("sample", prompt, [(method, response)])."""
-    from emorl_ray.plots import pareto_plot, training_curves
+def training_blocks(run_dir: RunDir, cfg, data_summary: dict, manifests: list[RunManifest]) -> list[tuple]:
+    from emorl_ray.evaluation.plots import training_curves
 
-    objectives = cfg.objective_names
     b: list[tuple] = [
         ("h1", f"EMORL run `{cfg.name}`"),
-        ("p", f"Policy `{cfg.model.id}`, objectives {', '.join(objectives)}, faithful={cfg.faithful}."),
+        ("p", f"Policy `{cfg.model.id}`, objectives {', '.join(cfg.objective_names)}, faithful={cfg.faithful}."),
         ("h2", "Data"),
         ("p", f"Source `{cfg.data.source}`; split sizes {data_summary['sizes']}; "
               f"dropped rows {data_summary['dropped'] or 'none'}."),
         ("h2", "Stage 1: training (k-SCST, one Ray Train run per objective and per baseline)"),
         ("table", ["run", "method", "steps", "data points", "train s", "converged", "final val"],
-         [[m["name"] + f" (seed {m['seed']})", m.get("method", "single"), m["steps"], m["data_points"],
-           m["train_seconds"], m["converged"], m["final_val_score"]] for m in manifests]),
+         [[f"{m.name} (seed {m.seed})", m.method, m.steps, m.data_points, m.train_seconds, m.converged,
+           m.final_val_score] for m in manifests]),
     ]
-    emorl = [m for m in manifests if m.get("method", "single") == "single"]
-    b.append(("p", f"EMORL total: {sum(m['data_points'] for m in emorl)} data points, "
-                   f"{sum(m['train_seconds'] for m in emorl):.1f} s of training (summed over its "
+    emorl = [m for m in manifests if m.is_ensemble_member]
+    b.append(("p", f"EMORL total: {sum(m.data_points for m in emorl)} data points, "
+                   f"{sum(m.train_seconds for m in emorl):.1f} s of training (summed over its "
                    "single-objective runs, which ran in parallel)."))
-    histories = {f"{m['name']} (seed {m['seed']})": storage.read_parquet(m["metrics_path"])
-                 for m in manifests if m.get("metrics_path") and storage.is_file(m["metrics_path"])}
+    histories = {f"{m.name} (seed {m.seed})": storage.read_parquet(m.metrics_path)
+                 for m in manifests if m.metrics_path and storage.is_file(m.metrics_path)}
     if histories:
         training_curves(histories, run_dir.file("plots", "training_curves.png"))
         b.append(("img", "plots/training_curves.png", "training curves"))
+    return b
 
-    b += [("h2", f"Stages 2+3: hierarchical search of the ensemble weights ({search['aggregation']} aggregation)"),
-          ("p", f"{search['parameterization']} parameterisation, {search['levels']} levels, {search['trials']} "
-                f"trials ({search['failed_trials']} failed). Best validation score {search['best_score']:.4f} at "
-                + ", ".join(f"{o}={w:.4f}" for o, w in search["best_weights_used"].items())
-                + (" (as decoded: w / sum w; the ensemble is scale-invariant)" if search["weights_scale_invariant"]
-                   else " (as decoded: parameter aggregation scales each adapter's delta W by its weight)")
-                + ". All points: `search/points.parquet`.")]
+
+def search_blocks(run_dir: RunDir, search: SearchResult) -> list[tuple]:
+    b = [("h2", f"Stages 2+3: hierarchical search of the ensemble weights ({search.aggregation} aggregation)"),
+         ("p", f"{search.parameterization} parameterisation, {search.levels} levels, {search.trials} "
+               f"trials ({search.failed_trials} failed). Best validation score {search.best_score:.4f} at "
+               + ", ".join(f"{o}={w:.4f}" for o, w in search.best_weights_used.items())
+               + (" (as decoded: w / sum w; the ensemble is scale-invariant)" if search.weights_scale_invariant
+                  else " (as decoded: parameter aggregation scales each adapter's delta W by its weight)")
+               + ". All points: `search/points.parquet`.")]
     if storage.is_file(storage.join(run_dir.search(), "heatmap.png")):
         b.append(("img", "search/heatmap.png", "searched weights"))
+    return b
 
-    for t in evaluation["tables"]:
+
+def results_blocks(evaluation: EvalResult, objectives: list[str]) -> list[tuple]:
+    b = []
+    for t in evaluation.tables:
         b.append(("h2", _table_title(t)))
         b.append(("table", *results_table(t["methods"], objectives)))
-    sp = evaluation.get("sampling")
+    sp = evaluation.sampling
     b.append(("p", "Mean score per objective ± the half-width of a 95% confidence interval over prompts "
                    "(sampled generations are first averaged per prompt). Diversity-2 = distinct bigrams / "
                    "bigrams over all generations; the authors' variant = distinct bigrams / words per "
@@ -93,27 +96,34 @@ def report_blocks(run_dir: RunDir, cfg, data_summary: dict, manifests: list[dict
                    "a baseline its own. "
                    + (f"Sampling: temperature {sp['temperature']}, top-k {sp['top_k'] or 'off'}, top-p {sp['top_p']}, "
                       f"seed {sp['seed']}. " if sp else "") + "Samples: `eval/samples.parquet`."))
+    return b
 
-    pareto = evaluation.get("pareto")
-    if pareto:
-        ps, pm = pareto["search"], pareto["methods"]
-        b += [("h2", "Pareto view"),
-              ("p", f"Of the {ps['points']} searched weight vectors, {len(ps['front'])} are Pareto-optimal on the "
-                    f"validation split (no other vector scores at least as well on every objective and better on "
-                    f"one); they dominate a hypervolume of {ps['hypervolume']:.4f} (reference point 0). "
-                    f"Among the methods ({pareto['methods_table']['split']}, "
-                    f"{pareto['methods_table']['decoding']}), the non-dominated ones are "
-                    + ", ".join(r["method"] for r in pm["rows"] if r["non_dominated"])
-                    + f"; their hypervolume is {pm['hypervolume']:.4f}."),
-              ("table", ["weights (search front)"] + objectives,
-               [[", ".join(f"{w:.3f}" for w in f["weights"].values())] + [f["scores"][o] for o in objectives]
-                for f in sorted(ps["front"], key=lambda f: -sum(f["scores"].values()))])]
-        points_file = storage.join(run_dir.search(), "points.parquet")
-        if storage.is_file(points_file):
-            pareto_plot(pareto, storage.read_parquet(points_file), run_dir.file("plots", "pareto.png"))
-            b.append(("img", "plots/pareto.png", "Pareto view"))
 
-    b.append(("h2", "Samples (test prompts, greedy)"))
+def pareto_blocks(run_dir: RunDir, pareto: dict | None, objectives: list[str]) -> list[tuple]:
+    from emorl_ray.evaluation.plots import pareto_plot
+
+    if not pareto:
+        return []
+    ps, pm = pareto["search"], pareto["methods"]
+    b = [("h2", "Pareto view"),
+         ("p", f"Of the {ps['points']} searched weight vectors, {len(ps['front'])} are Pareto-optimal on the "
+               f"validation split (no other vector scores at least as well on every objective and better on "
+               f"one); they dominate a hypervolume of {ps['hypervolume']:.4f} (reference point 0). "
+               f"Among the methods ({pareto['methods_table']['split']}, "
+               f"{pareto['methods_table']['decoding']}), the non-dominated ones are "
+               + ", ".join(r["method"] for r in pm["rows"] if r["non_dominated"])
+               + f"; their hypervolume is {pm['hypervolume']:.4f}."),
+         ("table", ["weights (search front)"] + objectives,
+          [[", ".join(f"{w:.3f}" for w in f["weights"].values())] + [f["scores"][o] for o in objectives]
+           for f in sorted(ps["front"], key=lambda f: -sum(f["scores"].values()))])]
+    if storage.is_file(run_dir.points_file()):
+        pareto_plot(pareto, storage.read_parquet(run_dir.points_file()), run_dir.file("plots", "pareto.png"))
+        b.append(("img", "plots/pareto.png", "Pareto view"))
+    return b
+
+
+def sample_blocks(samples: list[dict], samples_per_method: int) -> list[tuple]:
+    b = [("h2", "Samples (test prompts, greedy)")]
     decoding = "greedy" if any(s.get("decoding") == "greedy" for s in samples) else None
     for i in range(samples_per_method):
         group = [s for s in samples if s["i"] == i and s["split"] == "test" and s.get("pass", 0) == 0
@@ -122,6 +132,16 @@ def report_blocks(run_dir: RunDir, cfg, data_summary: dict, manifests: list[dict
             break
         b.append(("sample", group[0]["prompt"], [(s["method"], s["response"]) for s in group]))
     return b
+
+
+def report_blocks(run_dir: RunDir, cfg, data_summary: dict, manifests: list[RunManifest], search: SearchResult,
+                  evaluation: EvalResult, samples: list[dict], samples_per_method: int = 3) -> list[tuple]:
+    """The report as a list of blocks: ("h1"|"h2"|"h3"|"p", text), ("table", header, rows),
+    ("img", path relative to the run directory, alt), ("sample", prompt, [(method, response)])."""
+    return (training_blocks(run_dir, cfg, data_summary, manifests) + search_blocks(run_dir, search)
+            + results_blocks(evaluation, cfg.objective_names)
+            + pareto_blocks(run_dir, evaluation.pareto, cfg.objective_names)
+            + sample_blocks(samples, samples_per_method))
 
 
 def to_markdown(blocks: list[tuple]) -> str:
@@ -178,9 +198,12 @@ def to_html(blocks: list[tuple], run_dir: RunDir, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(run_dir: RunDir, cfg, data_summary: dict, manifests: list[dict], search: dict, evaluation: dict,
-                 samples: list[dict], samples_per_method: int = 3) -> dict[str, str]:
-    blocks = report_blocks(run_dir, cfg, data_summary, manifests, search, evaluation, samples, samples_per_method)
+def write_report(run_dir: RunDir, cfg, manifests: list[RunManifest], search: SearchResult, evaluation: EvalResult,
+                 samples: list[dict]) -> dict[str, str]:
+    """report.md and report.html of the run; the data's sizes come from its data_split.json."""
+    data_summary = storage.read_json(run_dir.file("data_split.json"))
+    blocks = report_blocks(run_dir, cfg, data_summary, manifests, search, evaluation, samples,
+                           cfg.evaluation.num_samples_in_report)
     paths = {"markdown": run_dir.file("report.md"), "html": run_dir.file("report.html")}
     storage.write_text(paths["markdown"], to_markdown(blocks))
     storage.write_text(paths["html"], to_html(blocks, run_dir, f"EMORL run {cfg.name}"))
