@@ -69,8 +69,7 @@ def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | Non
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(),
-                           "run": {"name": job.run_name, "reward_weights": job.reward_weights, "seed": job.seed,
-                                   "method": job.method, "lora": job.lora},
+                           "run": job,
                            "hooks": hooks or []},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"train-{job.run_name}",

@@ -22,6 +22,7 @@ import torch
 from emorl_ray.config import ExperimentConfig, config_from_dict
 from emorl_ray.models import use_reserved_cpus
 from emorl_ray.training.checkpoint import restore, save_checkpoint
+from emorl_ray.training.launch import TrainJob
 from emorl_ray.training.weighting import build_weighting
 
 log = logging.getLogger(__name__)
@@ -75,21 +76,11 @@ class TrainState:
         return {"step": self.step, "data_points": self.data_points, "train_seconds": self.train_seconds}
 
 
-@dataclass
-class RunSpec:
-    """One training run, as `training.launch` hands it to its workers."""
-    name: str
-    reward_weights: dict
-    seed: int
-    method: str = "single"
-    lora: bool = True
-
-
 class SCSTRecipe:
     """One worker of one run. `hooks`: objects with `before_step(step, objectives)`, called before
     every step; the fault-injection tests supply them (`emorl_ray.testing`)."""
 
-    def __init__(self, cfg: ExperimentConfig, run: RunSpec, hooks: list | None = None):
+    def __init__(self, cfg: ExperimentConfig, run: TrainJob, hooks: list | None = None):
         self.cfg, self.run, self.hooks = cfg, run, hooks or []
         self.t = cfg.training
         self.state, self.history = TrainState(), []
@@ -130,11 +121,11 @@ class SCSTRecipe:
         ckpt = ray.train.get_checkpoint()
         if not ckpt:
             return
-        state, self.history = restore(ckpt, self.model, self.optimizer, self.run.lora, self.run.name)
+        state, self.history = restore(ckpt, self.model, self.optimizer, self.run.lora, self.run.run_name)
         self.state = TrainState.from_dict(state)
         if self.state.weighting:  # checkpoints of fixed-weight runs carry none
             self.weighting.load_state_dict(self.state.weighting)
-        log.info("[%s] resumed at step %d (%d data points)", self.run.name, self.state.step, self.state.data_points)
+        log.info("[%s] resumed at step %d (%d data points)", self.run.run_name, self.state.step, self.state.data_points)
 
     def finished(self) -> bool:
         s = self.state
@@ -196,7 +187,7 @@ class SCSTRecipe:
     def train(self) -> None:
         from emorl_ray.metrics import record_train_step, record_validation
 
-        s, t, name = self.state, self.t, self.run.name
+        s, t, name = self.state, self.t, self.run.run_name
         while not self.finished():
             for hook in self.hooks:
                 hook.before_step(s.step, self.objectives)
@@ -226,9 +217,9 @@ class SCSTRecipe:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's entry point: {"experiment": cfg.to_dict(), "run": RunSpec fields, "hooks": [...]}."""
+    """Ray Train's entry point: {"experiment": cfg.to_dict(), "run": a TrainJob, "hooks": [...]}."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    recipe = SCSTRecipe(config_from_dict(config["experiment"]), RunSpec(**config["run"]), config.get("hooks"))
+    recipe = SCSTRecipe(config_from_dict(config["experiment"]), config["run"], config.get("hooks"))
     recipe.setup()
     recipe.resume()
     recipe.train()
