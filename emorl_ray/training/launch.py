@@ -21,6 +21,8 @@ from emorl_ray.rundir import RunDir, RunManifest
 
 log = logging.getLogger(__name__)
 
+PROCESS_GROUP_ATTEMPTS = 3
+
 
 @dataclass
 class TrainJob:
@@ -49,35 +51,51 @@ def baseline_jobs(cfg: ExperimentConfig) -> list[TrainJob]:
     return [TrainJob(m, uniform, s, m, lora) for m in cfg.baselines.methods for s in cfg.training.seeds]
 
 
+def run_trainer(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | None = None):
+    """One `TorchTrainer` for the job, run to its end (or resumed: the same RunConfig name)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    from emorl_ray.placement import trainer_worker_request
+    from emorl_ray.training.loop import train_loop_per_worker
+
+    sc = cfg.training.scaling
+    resources = trainer_worker_request(sc)
+    for attempt in range(1, PROCESS_GROUP_ATTEMPTS + 1):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"experiment": cfg.to_dict(), "run": job, "hooks": hooks or []},
+            scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=f"train-{job.run_name}",
+                                 storage_path=cfg.training.storage_path or run_dir.ray_storage,
+                                 failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints)),
+        )
+        try:
+            return trainer.fit()
+        except TrainingFailedError as e:
+            # Ray Train picks the process group's port, closes it, then binds it: another trainer
+            # starting on the same host at that moment can take it (EADDRINUSE in setup, before any
+            # step). Running the same RunConfig again resumes the run, here from its start.
+            if "EADDRINUSE" not in str(e) or attempt == PROCESS_GROUP_ATTEMPTS:
+                raise
+            log.warning("[%s] the process group's port was taken (attempt %d); starting the trainer again",
+                        job.run_name, attempt)
+
+
 def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | None = None) -> RunManifest:
     """Run (or resume) one trainer to the end and write its adapter, metrics and manifest.
     `hooks`: called by every worker before every step (`training.loop.SCSTRecipe`); tests only."""
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import Checkpoint
 
     from emorl_ray.training.checkpoint import ADAPTER_DIR, FULL_MODEL_DIR, read_state
-    from emorl_ray.training.loop import train_loop_per_worker
 
     done = run_dir.read_run(job.run_name)
     if done is not None:
         log.info("[%s] already trained (%s); skipping", job.run_name, run_dir.run_manifest(job.run_name))
         return done
-    sc = cfg.training.scaling
-    from emorl_ray.placement import trainer_worker_request
-
-    resources = trainer_worker_request(sc)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(),
-                           "run": job,
-                           "hooks": hooks or []},
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"train-{job.run_name}",
-                             storage_path=cfg.training.storage_path or run_dir.ray_storage,
-                             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints)),
-    )
-    result = trainer.fit()
+    result = run_trainer(cfg, run_dir, job, hooks)
     ckpt: Checkpoint = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"[{job.run_name}] finished without a checkpoint")
