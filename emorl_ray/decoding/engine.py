@@ -103,9 +103,10 @@ def _next_logits(rows_h: torch.Tensor, w: torch.Tensor, head, aggregation: str,
 @torch.no_grad()
 def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: Sampling | None = None,
            weights: torch.Tensor | None = None, aggregation: str = "hidden_state", forward_kwargs: dict | None = None,
-           return_logprobs: bool = False) -> Decoded:
+           return_logprobs: bool = False, enc: dict | None = None) -> Decoded:
     """Generate for `prompts` with `model` (in the mode and adapter routing the caller set).
-    `weights`: (B, K) per-prompt weights of the K adapter blocks (None: one block, weight 1)."""
+    `weights`: (B, K) per-prompt weights of the K adapter blocks (None: one block, weight 1).
+    `enc`: the prompts already encoded by `policy.encode`, where the caller has them."""
     B = len(prompts)
     dev = policy.device
     w = torch.ones(B, 1) if weights is None else weights
@@ -113,7 +114,7 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
     w = w.t().to(dev).reshape(K, B, 1)  # adapter-major, like the repeated batch
     temperature = sampling.temperature if sampling is not None else 1.0
     kw = forward_kwargs or {}
-    enc = policy.encode(prompts)
+    enc = enc if enc is not None else policy.encode(prompts)
     input_ids = enc["input_ids"].repeat(K, 1)
     attn = enc["attention_mask"].repeat(K, 1)
     head = model.get_output_embeddings()

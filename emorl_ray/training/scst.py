@@ -51,10 +51,13 @@ def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: in
     """k responses per prompt from the decode engine, drawn from `warp_logits(logits, sampling)`:
     the distribution `token_logprobs` scores. Eval mode (train mode with `dropout`: the authors')."""
     repeated = [p for p in prompts for _ in range(k)]
+    # Each prompt encoded once, its rows repeated: the decode and the loss read the same encoding.
+    enc = {key: v.repeat_interleave(k, dim=0) for key, v in policy.encode(prompts).items()}
     how = Sampling(sampling.temperature, sampling.top_k, sampling.top_p)
     with eval_mode(model, dropout):
-        out = decode(policy, model, repeated, max_new_tokens, sampling=how, return_logprobs=return_logprobs)
-    return Rollout(repeated, policy.encode(repeated), out.ids, out.mask, policy.decode(out.ids), out.logprobs)
+        out = decode(policy, model, repeated, max_new_tokens, sampling=how, return_logprobs=return_logprobs,
+                     enc=enc)
+    return Rollout(repeated, enc, out.ids, out.mask, policy.decode(out.ids), out.logprobs)
 
 
 CLS = "[CLS]"
