@@ -26,8 +26,9 @@ FEELINGS = (
     "exhausted", "hopeless", "hurt", "betrayed", "jealous", "embarrassed", "confused", "stuck",
     "relieved", "grieving", "worthless", "trapped", "unappreciated", "rejected", "insecure",
 )
-# Sentence-level cosines to the feeling prototypes span ~0.1; at 0.02 the softmax separates the
-# leading feelings from the rest (at 0.05 every text reads as a similar mix of all of them).
+# Cosines to the prototypes differ by hundredths between feelings, so the softmax must be sharp:
+# for the grieving client of tests/test_rewards.py the template scored 0.83 against the specific
+# reflection's 0.93 at temperature 0.05, and 0.73 against 0.94 at 0.02.
 TEMPERATURE = 0.02
 
 
