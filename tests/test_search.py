@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from ray.tune.search import Searcher
 
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher, kuhn_subsimplices
 
@@ -152,3 +153,60 @@ def test_bad_arguments(kwargs, msg):
     args.update(kwargs)
     with pytest.raises(ValueError, match=msg):
         HierarchicalGridSearcher(**args)
+
+
+def _finish(s, trial_ids=()):
+    """Run a searcher to the end (every trial scores 0): the points it hands out, or None if it
+    stalls (suggest answers None with nothing left to complete)."""
+    for tid in trial_ids:  # trials Tune re-runs under their old ids
+        s.on_trial_complete(tid, {"score": 0.0})
+    seen, i = [], 0
+    while (c := s.suggest(f"n{i}")) is not Searcher.FINISHED:
+        if c is None:
+            return None
+        seen.append(c["weights"])
+        s.on_trial_complete(f"n{i}", {"score": 0.0})
+        i += 1
+    return seen
+
+
+def test_restore_lines_the_searcher_up_with_tunes_saved_trials(tmp_path):
+    """Tune saves the searcher state and its experiment state one after the other; a driver killed
+    in between leaves them apart. Seen in CI: the searcher still waited for t3, which Tune had
+    finished, while Tune was re-running t4 of the next level: the resumed search stalled."""
+    from emorl_ray.search.run import reconcile_searcher
+
+    s = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
+    t = {tid: s.suggest(tid)["weights"] for tid in ("t1", "t2", "t3")}
+    for tid in ("t1", "t2"):
+        s.on_trial_complete(tid, {"score": 0.0})
+    saved = s.get_state()
+    behind = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
+    behind.set_state(json.loads(json.dumps(saved)))
+    assert _finish(behind) is None  # without reconciling, nothing Tune does wakes it up
+
+    ahead = HierarchicalGridSearcher(["a", "b"], "score", levels=2)  # where Tune had got to
+    ahead.set_state(json.loads(json.dumps(saved)))
+    ahead.on_trial_complete("t3", {"score": 0.0})
+    t4 = ahead.suggest("t4")["weights"]
+    (tmp_path / "searcher-state-x.pkl").write_text(json.dumps(saved))
+    spec = lambda tid, w, status: json.dumps({"trial_id": tid, "status": status, "config": {"weights": w}})  # noqa: E731
+    trial_data = [[spec(tid, w, "TERMINATED"), json.dumps({"last_result": {"score": 0.0}})] for tid, w in t.items()]
+    trial_data.append([spec("t4", t4, "RUNNING"), json.dumps({"last_result": None})])
+    (tmp_path / "experiment_state-x.json").write_text(json.dumps({"trial_data": trial_data}))
+    reconcile_searcher(str(tmp_path), ["a", "b"])
+    restored = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
+    restored.restore(str(tmp_path / "searcher-state-x.pkl"))
+    assert restored.level == 1 and list(restored.pending) == ["t4"]
+    rest = _finish(restored, ["t4"])
+    assert rest is not None and t4 not in rest and restored.finished  # t4's point runs once
+
+
+def test_restore_hands_back_in_flight_points_tune_never_recorded():
+    s = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
+    s.suggest("t1")
+    lost = s.suggest("t2")["weights"]
+    s.reconcile([{"trial_id": "t1", "status": "RUNNING", "weights": [1.0, 0.0], "score": None}])
+    assert list(s.pending) == ["t1"] and s.queue[0] == list(lost.values())
+    rest = _finish(s, ["t1"])
+    assert rest is not None and lost in rest

@@ -223,7 +223,28 @@ class HierarchicalGridSearcher(Searcher):
         if self.parameterization == "simplex":
             self._subsimplices = kuhn_subsimplices(len(self.objectives) - 1)
         # `pending` is kept: Tune's restore (resume_unfinished=True) re-runs those trials under
-        # their old ids and reports them here.
+        # their old ids and reports them here; `reconcile` first lines it up with Tune's own record.
+
+    def reconcile(self, tune_trials: list[dict]) -> None:
+        """Line the restored state up with Tune's saved trials, [{"trial_id", "status", "weights",
+        "score"}]. Tune saves this state and its experiment state one after the other, so a driver
+        killed in between leaves them apart, and a searcher waiting for a trial Tune will not run
+        again waits forever (seen in CI). Trials Tune finished are reported here; in-flight trials
+        Tune never recorded go back to the queue; trials Tune will re-run take their point from it."""
+        known = {t["trial_id"]: t for t in tune_trials}
+        orphans = [tid for tid in self.pending if tid not in known]
+        self.queue = [self.pending.pop(tid) for tid in orphans] + self.queue
+        for t in tune_trials:
+            if t["trial_id"] in self.pending and t["status"] in ("TERMINATED", "ERROR"):
+                ok = t["status"] == "TERMINATED" and t["score"] is not None
+                self.on_trial_complete(t["trial_id"], {self.metric: t["score"]} if ok else None, error=not ok)
+        for t in tune_trials:
+            key = _key(t["weights"])
+            if t["status"] in ("TERMINATED", "ERROR") or t["trial_id"] in self.pending:
+                continue
+            match = next((i for i, p in enumerate(self.queue) if _key(p) == key), None)
+            if match is not None:
+                self.pending[t["trial_id"]] = self.queue.pop(match)
 
     def save(self, checkpoint_path: str) -> None:
         tmp = f"{checkpoint_path}.tmp"

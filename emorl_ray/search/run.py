@@ -7,6 +7,7 @@ directory restores the Tune experiment and the searcher state: finished trials a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -55,11 +56,39 @@ class SearchProgress(tune.Callback):
                  "n/a" if score is None else f"{score:.4f}", self.best)
 
 
+def latest_file(exp_path: str, prefix: str, suffix: str) -> str | None:
+    """The newest of Tune's `<prefix>...<suffix>` files in an experiment directory."""
+    files = sorted((mtime, name) for name, mtime in storage.listdir(exp_path)
+                   if name.startswith(prefix) and name.endswith(suffix))
+    return storage.join(exp_path, files[-1][1]) if files else None
+
+
 def searcher_state(exp_path: str) -> dict:
     """The searcher's JSON state as Tune last saved it (Tune names the file *.pkl; it is JSON)."""
-    files = sorted((mtime, name) for name, mtime in storage.listdir(exp_path)
-                   if name.startswith("searcher-state-") and name.endswith(".pkl"))
-    return storage.read_json(storage.join(exp_path, files[-1][1])) if files else {}
+    path = latest_file(exp_path, "searcher-state-", ".pkl")
+    return storage.read_json(path) if path else {}
+
+
+def reconcile_searcher(exp_path: str, objectives: list[str]) -> None:
+    """Line the saved searcher state up with Tune's saved trials before a restore
+    (`HierarchicalGridSearcher.reconcile`)."""
+    path = latest_file(exp_path, "searcher-state-", ".pkl")
+    experiment = latest_file(exp_path, "experiment_state-", ".json")
+    if path is None or experiment is None:
+        return
+    trials = []
+    for spec, runtime in storage.read_json(experiment)["trial_data"]:
+        spec, result = json.loads(spec), json.loads(runtime).get("last_result") or {}
+        if "weights" in (spec.get("config") or {}):
+            trials.append({"trial_id": spec["trial_id"], "status": spec["status"], "score": result.get(METRIC),
+                           "weights": [spec["config"]["weights"][o] for o in objectives]})
+    searcher = HierarchicalGridSearcher(objectives, metric=METRIC)
+    searcher.set_state(storage.read_json(path))
+    before = json.dumps(searcher.get_state())
+    searcher.reconcile(trials)
+    if json.dumps(searcher.get_state()) != before:
+        log.warning("search: the saved searcher state was behind or ahead of Tune's; lined up before resuming")
+        storage.write_json(path, searcher.get_state())
 
 
 def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], aggregation: str,
@@ -80,6 +109,7 @@ def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
         storage.remove_dir(exp_path)
     if tune.Tuner.can_restore(exp_path):
         log.info("resuming the search from %s", exp_path)
+        reconcile_searcher(exp_path, objectives)
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False)
     searcher = HierarchicalGridSearcher(objectives, metric=METRIC, mode="max", levels=se.levels,
                                         parameterization=se.parameterization, cache=se.cache)
