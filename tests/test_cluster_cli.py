@@ -93,9 +93,15 @@ def test_job_submitted_to_a_cli_cluster_survives_losing_a_node(cli_cluster, tiny
     run = RunDir.at(s3_bucket + "/runs/tiny")
 
     # The documented pre-flight: config, data, model, storage and resources, nothing trained.
-    check = subprocess.run([cli_cluster["ray"], "job", "submit", "--address", cli_cluster["dashboard"],
-                            "--working-dir", ".", "--", "python", "jobs/train_all.py", "--config", str(cfg_file),
-                            "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # Right after `ray start` the head's job agent may not be up yet; Ray answers "No available
+    # agent to submit job, please try again later" (seen in CI): try again, for up to a minute.
+    for _ in range(30):
+        check = subprocess.run([cli_cluster["ray"], "job", "submit", "--address", cli_cluster["dashboard"],
+                                "--working-dir", ".", "--", "python", "jobs/train_all.py", "--config", str(cfg_file),
+                                "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if check.returncode == 0 or "No available agent" not in check.stderr:
+            break
+        time.sleep(2)
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     assert '"training": "fits"' in check.stdout and not storage.exists(run.config)
 
