@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from ray.tune.search import Searcher
 
 from emorl_ray.search.hierarchical import HierarchicalGridSearcher, kuhn_subsimplices
 
@@ -155,21 +154,6 @@ def test_bad_arguments(kwargs, msg):
         HierarchicalGridSearcher(**args)
 
 
-def _finish(s, trial_ids=()):
-    """Run a searcher to the end (every trial scores 0): the points it hands out, or None if it
-    stalls (suggest answers None with nothing left to complete)."""
-    for tid in trial_ids:  # trials Tune re-runs under their old ids
-        s.on_trial_complete(tid, {"score": 0.0})
-    seen, i = [], 0
-    while (c := s.suggest(f"n{i}")) is not Searcher.FINISHED:
-        if c is None:
-            return None
-        seen.append(c["weights"])
-        s.on_trial_complete(f"n{i}", {"score": 0.0})
-        i += 1
-    return seen
-
-
 def test_restore_lines_the_searcher_up_with_tunes_saved_trials(tmp_path):
     """Tune saves the searcher state and its experiment state one after the other; a driver killed
     in between leaves them apart. Seen in CI: the searcher still waited for t3, which Tune had
@@ -183,7 +167,7 @@ def test_restore_lines_the_searcher_up_with_tunes_saved_trials(tmp_path):
     saved = s.get_state()
     behind = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
     behind.set_state(json.loads(json.dumps(saved)))
-    assert _finish(behind) is None  # without reconciling, nothing Tune does wakes it up
+    assert drive(behind, lambda w: 0.0) == [] and not behind.finished  # nothing Tune does wakes it up
 
     ahead = HierarchicalGridSearcher(["a", "b"], "score", levels=2)  # where Tune had got to
     ahead.set_state(json.loads(json.dumps(saved)))
@@ -198,8 +182,9 @@ def test_restore_lines_the_searcher_up_with_tunes_saved_trials(tmp_path):
     restored = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
     restored.restore(str(tmp_path / "searcher-state-x.pkl"))
     assert restored.level == 1 and list(restored.pending) == ["t4"]
-    rest = _finish(restored, ["t4"])
-    assert rest is not None and t4 not in rest and restored.finished  # t4's point runs once
+    restored.on_trial_complete("t4", {"score": 0.0})  # Tune re-runs t4 under its old id
+    rest = drive(restored, lambda w: 0.0)
+    assert restored.finished and list(t4.values()) not in rest  # t4's point runs once
 
 
 def test_restore_hands_back_in_flight_points_tune_never_recorded():
@@ -208,5 +193,6 @@ def test_restore_hands_back_in_flight_points_tune_never_recorded():
     lost = s.suggest("t2")["weights"]
     s.reconcile([{"trial_id": "t1", "status": "RUNNING", "weights": [1.0, 0.0], "score": None}])
     assert list(s.pending) == ["t1"] and s.queue[0] == list(lost.values())
-    rest = _finish(s, ["t1"])
-    assert rest is not None and lost in rest
+    s.on_trial_complete("t1", {"score": 0.0})
+    rest = drive(s, lambda w: 0.0)
+    assert s.finished and list(lost.values()) in rest

@@ -23,15 +23,18 @@ class EmbeddingSimilarity:
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
+        # Each distinct text once: a k-SCST batch repeats every prompt k times.
+        unique = list(dict.fromkeys(texts))
         out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+        for i in range(0, len(unique), self.batch_size):
+            enc = self.tokenizer(unique[i:i + self.batch_size], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out)
+        row = {t: i for i, t in enumerate(unique)}
+        return torch.cat(out)[[row[t] for t in texts]]
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         if not prompts:

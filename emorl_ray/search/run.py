@@ -101,8 +101,7 @@ def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
     # Tune saves the experiment state (what a restore knows is finished) at most every 10 s by
     # default; trials here take seconds, so a killed driver would redo several. Save every second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    if tune.Tuner.can_restore(exp_path) and not any(
-            n.startswith("experiment_state-") and n.endswith(".json") for n, _ in storage.listdir(exp_path)):
+    if tune.Tuner.can_restore(exp_path) and latest_file(exp_path, "experiment_state-", ".json") is None:
         # A driver killed while Tune was starting leaves tuner.pkl but no experiment state: Tune's
         # restore then runs trials without their config. Nothing had finished: start afresh.
         log.warning("the search in %s was stopped before its first saved state; starting it again", exp_path)
