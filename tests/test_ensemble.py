@@ -90,6 +90,33 @@ def test_mixed_weight_batch_equals_each_prompt_alone(tiny_causal, tmp_path, aggr
         ens.generate(PROMPTS[:2], [[1, 0, 0], [0, 0, 0]], 2)
 
 
+@pytest.mark.parametrize("aggregation", ["hidden_state", "logit"])
+def test_kept_prompt_passes_change_no_token(tiny_causal, tmp_path, aggregation):
+    """The prefill cache (a search decodes the same prompts with new weights): every decode gives
+    the tokens of an ensemble without it, each adapter's prompt pass is computed once per prompt
+    batch whatever the weights and adapter subsets, and the cache stays within its memory."""
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    plain = AdapterEnsemble(Policy(mc), adapters)
+    kept = AdapterEnsemble(Policy(mc), adapters, prefill_cache_mb=64)
+    sampled = dict(greedy=False, seed=5, temperature=0.9, top_k=20)
+    calls = [({"a": 0.2, "b": 0.5, "c": 0.3}, {}), ({"a": 1.0, "b": 0.0, "c": 2.0}, {}),
+             ([[1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1], [2, 1, 0], [1, 0, 0]], {}),
+             ({"a": 0.2, "b": 0.5, "c": 0.3}, sampled), (None, {})]
+    for w, how in calls:
+        for _ in range(2):
+            assert kept.generate(PROMPTS, w, 10, aggregation=aggregation, batch_size=4, **how) == \
+                plain.generate(PROMPTS, w, 10, aggregation=aggregation, batch_size=4, **how)
+    cache = kept.prefills
+    # 2 prompt batches (4 + 2 prompts) x (3 adapters + the base model), each computed once
+    assert (cache.misses, len(cache.entries)) == (8, 8)
+    # every other lookup (2 runs x 2 batches x the 3, 2, 3, 3 and 1 blocks of the calls) came from it
+    assert cache.hits == 2 * 2 * (3 + 2 + 3 + 3 + 1) - 8
+    assert plain.prefills is None
+    small = AdapterEnsemble(Policy(mc), adapters, prefill_cache_mb=1.5 * cache.bytes / 8 / 2**20)
+    small.generate(PROMPTS, {"a": 1, "b": 1, "c": 1}, 3, batch_size=4)
+    assert 0 < len(small.prefills.entries) < 6 and small.prefills.bytes <= small.prefills.max_bytes
+
+
 def test_base_model_path_matches_plain_generate(tiny_causal, tmp_path):
     mc, adapters = _random_adapters(tiny_causal, tmp_path)
     ens = AdapterEnsemble(Policy(mc), adapters)

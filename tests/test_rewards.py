@@ -56,6 +56,25 @@ def test_perplexity_fluency_modes_and_mapping(tiny_causal):
     assert PerplexityFluency("policy", policy, cap=50.0)(prompts[:1], responses[:1]) == [0.0]
 
 
+def test_perplexity_after_kept_prompt_passes_is_unchanged(tiny_causal):
+    """The prompt's pass kept for the next response to it: the same perplexities as running prompt
+    and response together, prompts of different lengths in one batch, each prompt passed once."""
+    policy = ModelConfig(id=tiny_causal, use_chat_template=False)
+    prompts = ["I feel stuck at work", "My sister never calls me back and I do not know why",
+               "I feel stuck at work", "Nothing helps"]
+    responses = ["It sounds like work", "You miss her and feel left out", "", "You feel hopeless"]
+    plain = PerplexityFluency("policy", policy, cap=1e6)
+    kept = PerplexityFluency("policy", policy, cap=1e6, context_cache_mb=16, batch_size=3)
+    expected = plain.perplexities(prompts, responses)
+    for _ in range(2):
+        got = kept.perplexities(prompts, responses)
+        assert got[:2] + got[3:] == pytest.approx(expected[:2] + expected[3:], rel=1e-4)
+        assert got[2] == expected[2] == math.inf  # nothing to score
+    assert (kept.contexts.misses, len(kept.contexts.entries)) == (3, 3)  # 3 distinct prompts
+    assert kept.contexts.hits == 3  # the second run: each batch looks its distinct prompts up once
+    assert plain.contexts is None
+
+
 def test_perplexity_of_the_policy_reads_the_prompt_as_the_policy_does(tiny_causal, tmp_path):
     """With `model: policy` and a chat template, the response is scored after the chat-formatted
     prompt the policy generated it from (the counselor's turn), not after the bare prompt."""

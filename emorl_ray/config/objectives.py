@@ -24,6 +24,9 @@ class ScorerConfig:
     # perplexity: what is scored and the cap C of the mapping (C - PPL) / C.
     mode: Literal["pair", "response_conditional", "response_only"] = "response_conditional"
     cap: float = 50.0
+    # perplexity, response_conditional: memory for the prompts' kept passes through the LM
+    # (rewards/fluency.py); 0 = run the prompt again for every response.
+    context_cache_mb: float = 256
     # python: "package.module:function" taking (prompts, responses) -> list[float] in [0, 1].
     function: Optional[str] = None
     # Multiply the score by the share of the response's word bigrams that are distinct (1 for text
@@ -63,7 +66,7 @@ class ScorerConfig:
             check(self.function is not None and ":" in self.function, f"{path}.function",
                   "python scorers need `function: package.module:callable`")
         check_positive(self, path, ("batch_size", "num_replicas"))
-        check_positive(self, path, ("num_cpus", "num_gpus"), minimum=0)
+        check_positive(self, path, ("num_cpus", "num_gpus", "context_cache_mb"), minimum=0)
         check_resources(self.resources, f"{path}.resources")
 
     def _validate_classifier(self, path: str) -> None:

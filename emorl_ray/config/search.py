@@ -39,6 +39,9 @@ class SearchConfig:
     evaluator_gpus: float = 0.0
     evaluator_resources: dict = field(default_factory=dict)  # custom Ray resources per replica
     batch_size: int = 16
+    # Memory of the evaluator for kept prompt passes (ensemble/adapter_ensemble.py): each
+    # adapter's pass over each batch of validation or test prompts is computed once; 0 = off.
+    prefill_cache_mb: float = 1024
     max_failures: int = 1  # retries of a failed trial before it counts as the worst score
     # After the search, fit a router that picks weights per prompt from the searched vectors
     # (emorl_ray/routing/): k nearest validation prompts by this sentence encoder.
@@ -61,7 +64,7 @@ class SearchConfig:
         if self.router:
             check_model_ref(self.router_encoder, f"{path}.router_encoder")
         check(self.bandit_alpha >= 0 and math.isfinite(self.bandit_alpha), f"{path}.bandit_alpha", "must be >= 0")
-        check_positive(self, path, ("evaluator_cpus", "max_failures"), minimum=0)
+        check_positive(self, path, ("evaluator_cpus", "max_failures", "prefill_cache_mb"), minimum=0)
         check_resources(self.evaluator_resources, f"{path}.evaluator_resources")
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from emorl_ray.decoding.prefill import Prefilled, positions
 from emorl_ray.decoding.sampling import choose_token, device_generator, token_logprobs_under
 
 _SKINNY_ROWS = 48  # up to this many rows, `linear` multiplies W @ x^T on a CPU
@@ -101,12 +102,26 @@ def _next_logits(rows_h: torch.Tensor, w: torch.Tensor, head, aggregation: str,
 
 
 @torch.no_grad()
+def prefill(model, enc: dict, forward_kwargs: dict | None = None) -> Prefilled:
+    """One block's pass over the encoded prompts (in the adapter routing the caller set)."""
+    attn = enc["attention_mask"]
+    with LMHeadInput(model) as cap:
+        out = model(input_ids=enc["input_ids"], attention_mask=attn, position_ids=positions(attn), use_cache=True,
+                    logits_to_keep=1, **(forward_kwargs or {}))
+    layers = out.past_key_values.layers
+    # clone: the slice would keep the whole prompt's hidden states alive
+    return Prefilled([layer.keys for layer in layers], [layer.values for layer in layers], cap.value[:, -1].clone())
+
+
+@torch.no_grad()
 def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: Sampling | None = None,
            weights: torch.Tensor | None = None, aggregation: str = "hidden_state", forward_kwargs: dict | None = None,
-           return_logprobs: bool = False, enc: dict | None = None) -> Decoded:
+           return_logprobs: bool = False, enc: dict | None = None, prefilled: Prefilled | None = None) -> Decoded:
     """Generate for `prompts` with `model` (in the mode and adapter routing the caller set).
     `weights`: (B, K) per-prompt weights of the K adapter blocks (None: one block, weight 1).
-    `enc`: the prompts already encoded by `policy.encode`, where the caller has them."""
+    `enc`: the prompts already encoded by `policy.encode`, where the caller has them.
+    `prefilled`: the K blocks' pass over exactly these encoded prompts, where the caller kept it
+    (decoder-only models); the decode then starts at the first new token."""
     B = len(prompts)
     dev = policy.device
     w = torch.ones(B, 1) if weights is None else weights
@@ -125,13 +140,20 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
             start = torch.full((K * B, 1), model.config.decoder_start_token_id, device=dev)
             out = model(input_ids=input_ids, attention_mask=attn, decoder_input_ids=start, use_cache=True, **kw)
             encoder_outputs = (out.encoder_last_hidden_state,)
+            past, h = out.past_key_values, cap.value[:, -1]
         else:
-            pos = (attn.cumsum(1) - 1).clamp(min=0)  # from the mask, so left padding changes nothing
-            out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                        logits_to_keep=1, **kw)
+            pos = positions(attn)
+            if prefilled is None:
+                out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                            logits_to_keep=1, **kw)
+                past, h = out.past_key_values, cap.value[:, -1]
+            else:
+                if prefilled.last_hidden.shape[0] != K * B or prefilled.keys[0].shape[-2] != attn.shape[1]:
+                    raise ValueError("the prefilled blocks do not match the prompts being decoded")
+                past, h = prefilled.cache(model.config), prefilled.last_hidden
         for _ in range(max_new_tokens):
             # `linear`, not head(): the capture hook sits on head's forward.
-            logits, step_temperature = _next_logits(cap.value[:, -1], w, head, aggregation, temperature)
+            logits, step_temperature = _next_logits(h, w, head, aggregation, temperature)
             how = {} if sampling is None else dict(temperature=step_temperature, top_k=sampling.top_k,
                                                    top_p=sampling.top_p)
             nxt = choose_token(logits, sampling is None, generator=sampling and sampling.generator, **how)
@@ -146,12 +168,13 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
             step = nxt.repeat(K).unsqueeze(1)
             if policy.is_seq2seq:
                 out = model(encoder_outputs=encoder_outputs, attention_mask=attn, decoder_input_ids=step,
-                            past_key_values=out.past_key_values, use_cache=True, **kw)
+                            past_key_values=past, use_cache=True, **kw)
             else:
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
                 pos = pos[:, -1:] + 1
                 out = model(input_ids=step, attention_mask=attn, position_ids=pos,
-                            past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1, **kw)
+                            past_key_values=past, use_cache=True, logits_to_keep=1, **kw)
+            past, h = out.past_key_values, cap.value[:, -1]
     ids = torch.stack(tokens, 1)
     return Decoded(ids, response_mask(ids, policy.eos_token_id), finished,
                    torch.stack(logprobs, 1) if logprobs else None)

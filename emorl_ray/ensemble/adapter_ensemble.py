@@ -10,6 +10,10 @@ The aggregation decides what is combined; search and evaluation treat all three 
 The first two run every adapter in the same batched forward (`StackedLoRA`, or peft's
 mixed-adapter batches for what the stack does not cover) through `decoding.engine.decode`, which
 owns the loop, the KV cache, the finished mask and the sampler.
+
+An adapter's pass over a prompt does not depend on the weights, and a search decodes the same
+validation prompts trial after trial: with `prefill_cache_mb` each adapter's pass over each prompt
+batch is computed once and kept (`decoding.prefill`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 
 from emorl_ray import storage
 from emorl_ray.config import AGGREGATIONS
-from emorl_ray.decoding.engine import Sampling, decode
+from emorl_ray.decoding.engine import Sampling, decode, prefill
+from emorl_ray.decoding.prefill import PrefillCache, Prefilled, can_prefill_apart
 from emorl_ray.decoding.sampling import device_generator
 from emorl_ray.ensemble.stacked_lora import StackedLoRA
 from emorl_ray.ensemble.weights import check_weights, row_weights, weights_used
@@ -32,7 +37,9 @@ MERGED = "__merged__"
 
 
 class AdapterEnsemble:
-    def __init__(self, policy: Policy, adapters: Mapping[str, str]):
+    def __init__(self, policy: Policy, adapters: Mapping[str, str], prefill_cache_mb: float = 0):
+        """`prefill_cache_mb`: memory for kept prompt passes (0: none; for a server whose prompts
+        rarely repeat). Decoder-only models without sliding-window layers only."""
         from peft import PeftModel
 
         if not adapters:
@@ -50,6 +57,8 @@ class AdapterEnsemble:
         self.model = model.eval()
         self.policy = policy
         self._stacks: dict[tuple[str, ...], StackedLoRA | None] = {}
+        self.prefills = PrefillCache(int(prefill_cache_mb * 2**20)) \
+            if prefill_cache_mb > 0 and can_prefill_apart(model) else None
 
     def check_weights(self, weights: Mapping[str, float] | Sequence[float]) -> list[float]:
         return check_weights(weights, self.names)
@@ -104,10 +113,23 @@ class AdapterEnsemble:
                 out[i] = t
         return out
 
-    def _routing(self, names: list[str]):
-        """How the blocks of `names` share one forward: a context to enter around the decode, and
-        extra forward arguments. Stacked LoRA products are kept per set of adapters (the weights
-        never change after loading), except the merged adapter's, which changes on every call."""
+    def _prefill(self, name: str, chunk: list[str], enc: dict) -> Prefilled:
+        """Adapter `name`'s pass over the prompt batch `chunk`, kept for the next decode of it.
+        Always one adapter per pass, so a decode's numbers do not depend on what was kept before."""
+        key = (name, tuple(chunk))
+        pre = self.prefills.get(key)
+        if pre is None:
+            routing, kw = self._routing([name], len(chunk))
+            with routing:
+                pre = prefill(self.model, enc, kw)
+            self.prefills.put(key, pre)
+        return pre
+
+    def _routing(self, names: list[str], rows: int):
+        """How the blocks of `names` (`rows` prompts each) share one forward: a context to enter
+        around the decode, and extra forward arguments. Stacked LoRA products are kept per set of
+        adapters (the weights never change after loading), except the merged adapter's, which
+        changes on every call."""
         if names == [BASE]:
             return self.model.disable_adapter(), {}
         key = tuple(names)
@@ -118,20 +140,23 @@ class AdapterEnsemble:
                 self._stacks[key] = stack
         if stack is not None:
             return stack, {}
-        return contextlib.nullcontext(), {"adapter_names": names}  # expanded per row by `_decode`
+        # peft's mixed batches name each row's adapter
+        return contextlib.nullcontext(), {"adapter_names": [n for n in names for _ in range(rows)]}
 
     def _decode(self, prompts, names, w, aggregation, *, max_new_tokens, batch_size, sampling, details) -> list:
         """`w`: (len(prompts), len(names)) normalised weights, or None for one block (base or merged)."""
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
-            routing, kw = self._routing(names)
-            if "adapter_names" in kw:  # peft's mixed batches name each row's adapter
-                kw = {"adapter_names": [n for n in names for _ in chunk]}
+            enc = self.policy.encode(chunk)
+            pre = None
+            if self.prefills is not None and MERGED not in names:
+                pre = Prefilled.cat([self._prefill(name, chunk, enc) for name in names])
+            routing, kw = self._routing(names, len(chunk))
             with routing:
                 res = decode(self.policy, self.model, chunk, max_new_tokens, sampling=sampling,
                              weights=None if w is None else w[i:i + batch_size], aggregation=aggregation,
-                             forward_kwargs=kw)
+                             forward_kwargs=kw, enc=enc, prefilled=pre)
             texts = self.policy.decode(res.ids)
             if not details:
                 out.extend(texts)

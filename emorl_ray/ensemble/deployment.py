@@ -17,13 +17,13 @@ from emorl_ray.config import config_from_dict
 APP_NAME = "emorl-ensemble"
 
 
-def load_ensemble(cfg, adapters: dict[str, str], device: str, num_cpus: float):
+def load_ensemble(cfg, adapters: dict[str, str], device: str, num_cpus: float, prefill_cache_mb: float = 0):
     """Base model + adapters for a Serve replica, using the CPU threads the replica reserved."""
     from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
     from emorl_ray.models import Policy, use_reserved_cpus
 
     use_reserved_cpus(num_cpus)
-    return AdapterEnsemble(Policy(cfg.model, device), adapters)
+    return AdapterEnsemble(Policy(cfg.model, device), adapters, prefill_cache_mb)
 
 
 @serve.deployment(max_ongoing_requests=16)
@@ -38,7 +38,8 @@ class EnsembleEvaluator:
 
         cfg = config_from_dict(experiment)
         self.cfg = cfg
-        self.ensemble = load_ensemble(cfg, adapters, device, cfg.search.evaluator_cpus)
+        # Trials and evaluation rows decode the same prompts again and again: keep their prompt passes.
+        self.ensemble = load_ensemble(cfg, adapters, device, cfg.search.evaluator_cpus, cfg.search.prefill_cache_mb)
         splits = load_splits(cfg.data, cfg.faithful)
         self.prompts = {"val": [r["prompt"] for r in splits.val], "test": [r["prompt"] for r in splits.test]}
         if cfg.evaluation.generalization is not None:

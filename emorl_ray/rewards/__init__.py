@@ -47,14 +47,15 @@ def build_scorer(cfg: ScorerConfig, policy_model: ModelConfig) -> Scorer:
 
 
 def _build_scorer(cfg: ScorerConfig, policy_model: ModelConfig) -> Scorer:
+    device = "cuda" if cfg.num_gpus > 0 else "cpu"
     if cfg.type == "embedding_similarity":
         from emorl_ray.rewards.similarity import EmbeddingSimilarity
 
-        return EmbeddingSimilarity(cfg.model, batch_size=cfg.batch_size)
+        return EmbeddingSimilarity(cfg.model, batch_size=cfg.batch_size, device=device)
     if cfg.type == "emotion_match":
         from emorl_ray.rewards.emotion import EmotionMatch
 
-        return EmotionMatch(cfg.model, batch_size=cfg.batch_size)
+        return EmotionMatch(cfg.model, batch_size=cfg.batch_size, device=device)
     if cfg.type == "empathy_lexicon":
         from emorl_ray.rewards.empathy import EmpathyLexicon
 
@@ -62,12 +63,13 @@ def _build_scorer(cfg: ScorerConfig, policy_model: ModelConfig) -> Scorer:
     if cfg.type == "perplexity":
         from emorl_ray.rewards.fluency import PerplexityFluency
 
-        return PerplexityFluency(cfg.model, policy_model, mode=cfg.mode, cap=cfg.cap, batch_size=cfg.batch_size)
+        return PerplexityFluency(cfg.model, policy_model, mode=cfg.mode, cap=cfg.cap, batch_size=cfg.batch_size,
+                                 device=device, context_cache_mb=cfg.context_cache_mb)
     if cfg.type in ("hf_classifier", "cross_encoder"):
         from emorl_ray.rewards.classifier import HFClassifier
 
         return HFClassifier(cfg.model, input=cfg.input, output=cfg.output, label=cfg.label, batch_size=cfg.batch_size,
-                            device="cuda" if cfg.num_gpus > 0 else "cpu")
+                            device=device)
     return load_python_scorer(cfg.function)
 
 

@@ -34,8 +34,8 @@ TEMPERATURE = 0.02
 
 class EmotionMatch:
     def __init__(self, model_ref: str, batch_size: int = 32, feelings: tuple[str, ...] = FEELINGS,
-                 temperature: float = TEMPERATURE):
-        self.encoder = EmbeddingSimilarity(model_ref, batch_size=batch_size)
+                 temperature: float = TEMPERATURE, device: str = "cpu"):
+        self.encoder = EmbeddingSimilarity(model_ref, batch_size=batch_size, device=device)
         self.feelings, self.temperature = feelings, temperature
         self.prototypes = self.encoder.embed([f"I feel {f}." for f in feelings])
 

@@ -9,6 +9,11 @@ Modes (docs/method.md §8.11):
 - "response_only": PPL of the response alone.
 It measures how expected the text is to the LM, not whether it is good: bland, generic
 responses score high. An empty response scores 0.
+
+The context is the same for every response to a prompt (the k rollouts of a k-SCST step, every
+validation, every search trial), so its pass through the frozen LM is kept (`decoding.prefill`)
+and only the response is run; on the embedded default the context is about three quarters of the
+tokens scored.
 """
 
 from __future__ import annotations
@@ -19,21 +24,27 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emorl_ray.config import ModelConfig
+from emorl_ray.decoding.engine import prefill
+from emorl_ray.decoding.prefill import PrefillCache, Prefilled, can_prefill_apart, positions
 from emorl_ray.models import DTYPES, format_prompt, resolve, uses_chat_template
 
 
 class PerplexityFluency:
     def __init__(self, model_ref: str, policy: ModelConfig, mode: str = "response_conditional",
-                 cap: float = 50.0, batch_size: int = 16, max_length: int = 256):
+                 cap: float = 50.0, batch_size: int = 16, max_length: int = 256, device: str = "cpu",
+                 context_cache_mb: float = 0):
         if model_ref == "policy":
             path, dtype = resolve(policy.id, policy.gguf_file, policy.cache_dir), DTYPES[policy.dtype]
         else:
             path, dtype = resolve(model_ref), torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
         if self.model.config.is_encoder_decoder:
             raise ValueError(f"perplexity scorer needs a causal LM, {model_ref!r} is encoder-decoder")
         self.mode, self.cap, self.batch_size, self.max_length = mode, cap, batch_size, max_length
+        self.device = device
+        self.contexts = PrefillCache(int(context_cache_mb * 2**20)) \
+            if context_cache_mb > 0 and can_prefill_apart(self.model) else None
         self.policy_format = (policy if model_ref == "policy" and mode == "response_conditional"
                               and uses_chat_template(self.tokenizer, policy) else None)
 
@@ -55,25 +66,75 @@ class PerplexityFluency:
         for i in range(0, len(prompts), self.batch_size):
             rows = [self._segments(p, r) for p, r in zip(prompts[i:i + self.batch_size],
                                                          responses[i:i + self.batch_size])]
-            seqs, labels = [], []
-            for ctx, tgt in rows:
-                ids = (ctx + tgt)[-self.max_length:]
-                n_tgt = min(len(tgt), len(ids))
-                seqs.append(ids)
-                labels.append([-100] * (len(ids) - n_tgt) + ids[len(ids) - n_tgt:])
-            width = max(len(s) for s in seqs)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-            attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-            lab = torch.tensor([lb + [-100] * (width - len(lb)) for lb in labels])
-            logits = self.model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
-            lab = lab[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab.clamp(min=0), reduction="none")
-            mask = (lab != -100).float()
-            n = mask.sum(1)
-            mean_nll = (nll * mask).sum(1) / n.clamp(min=1)
+            kept = self.contexts is not None and all(len(c) >= 2 and len(c) + len(t) <= self.max_length
+                                                     for c, t in rows)
+            nll, n = self._nll_after_kept_contexts(rows) if kept else self._nll(rows)
+            mean_nll = nll / n.clamp(min=1)
             out.extend(math.exp(min(float(m), 50.0)) if k > 0 else math.inf for m, k in zip(mean_nll, n))
         return out
+
+    def _nll(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL of each row's scored tokens and their count, context and target in one pass
+        (the last `max_length` tokens)."""
+        seqs, labels = [], []
+        for ctx, tgt in rows:
+            ids = (ctx + tgt)[-self.max_length:]
+            n_tgt = min(len(tgt), len(ids))
+            seqs.append(ids)
+            labels.append([-100] * (len(ids) - n_tgt) + ids[len(ids) - n_tgt:])
+        width = max(len(s) for s in seqs)
+        input_ids = self._tensor([s + [self._pad] * (width - len(s)) for s in seqs])
+        attn = self._tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        lab = self._tensor([lb + [-100] * (width - len(lb)) for lb in labels])
+        logits = self.model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
+        return self._summed_nll(logits, lab[:, 1:])
+
+    def _nll_after_kept_contexts(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_nll`, with each context's pass but its last token kept: the forward reads that
+        token and the target, so every scored token's logits still come from the model's own head."""
+        pre, ctx_mask = Prefilled.left_padded(self._kept([tuple(c[:-1]) for c, _ in rows]))
+        seqs = [[c[-1]] + t for c, t in rows]
+        width = max(len(s) for s in seqs)
+        input_ids = self._tensor([s + [self._pad] * (width - len(s)) for s in seqs])
+        new_mask = self._tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        lab = self._tensor([s[1:] + [-100] * (width - len(s)) for s in seqs])
+        attn = torch.cat([ctx_mask.to(self.device), new_mask], 1)
+        pos = positions(attn)[:, -width:]
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
+                            past_key_values=pre.cache(self.model.config)).logits
+        return self._summed_nll(logits[:, :-1], lab)
+
+    def _kept(self, contexts: list[tuple[int, ...]]) -> list[Prefilled]:
+        """Each context's pass from the cache, the missing ones computed in one left-padded batch."""
+        missing = [c for c in dict.fromkeys(contexts) if self.contexts.get(c) is None]
+        if missing:
+            width = max(len(c) for c in missing)
+            enc = {"input_ids": self._tensor([[self._pad] * (width - len(c)) + list(c) for c in missing]),
+                   "attention_mask": self._tensor([[0] * (width - len(c)) + [1] * len(c) for c in missing])}
+            batch = prefill(self.model, enc)
+            for b, c in enumerate(missing):
+                self.contexts.put(c, batch.row(b, len(c)))
+        found = {c: self.contexts.entries.get(c) for c in set(contexts)}
+        if any(v is None for v in found.values()):  # larger than the whole cache: pass them now
+            return [found[c] or self._pass_one(c) for c in contexts]
+        return [found[c] for c in contexts]
+
+    def _pass_one(self, context: tuple[int, ...]) -> Prefilled:
+        return prefill(self.model, {"input_ids": self._tensor([list(context)]),
+                                    "attention_mask": self._tensor([[1] * len(context)])})
+
+    @staticmethod
+    def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+        mask = (labels != -100).float()
+        return (nll * mask).sum(1).cpu(), mask.sum(1).cpu()
+
+    @property
+    def _pad(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, device=self.device)
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         ppl = self.perplexities(list(prompts), list(responses))

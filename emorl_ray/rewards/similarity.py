@@ -14,11 +14,11 @@ from emorl_ray.models import resolve
 
 
 class EmbeddingSimilarity:
-    def __init__(self, model_ref: str, batch_size: int = 32, max_length: int = 256):
+    def __init__(self, model_ref: str, batch_size: int = 32, max_length: int = 256, device: str = "cpu"):
         path = resolve(model_ref)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=False).eval()
-        self.batch_size = batch_size
+        self.model = AutoModel.from_pretrained(path, trust_remote_code=False).to(device).eval()
+        self.batch_size, self.device = batch_size, device
         self.max_length = max_length
 
     @torch.no_grad()
@@ -28,11 +28,11 @@ class EmbeddingSimilarity:
         out = []
         for i in range(0, len(unique), self.batch_size):
             enc = self.tokenizer(unique[i:i + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
         row = {t: i for i, t in enumerate(unique)}
         return torch.cat(out)[[row[t] for t in texts]]
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from emorl_ray.config import SamplingConfig, TrainingConfig
-from emorl_ray.decoding.engine import Sampling, decode, eval_mode
+from emorl_ray.decoding.engine import Sampling, decode, eval_mode, prefill
+from emorl_ray.decoding.prefill import can_prefill_apart
 from emorl_ray.decoding.sampling import warp_logits
 from emorl_ray.models import Policy
 
@@ -52,11 +53,15 @@ def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: in
     the distribution `token_logprobs` scores. Eval mode (train mode with `dropout`: the authors')."""
     repeated = [p for p in prompts for _ in range(k)]
     # Each prompt encoded once, its rows repeated: the decode and the loss read the same encoding.
-    enc = {key: v.repeat_interleave(k, dim=0) for key, v in policy.encode(prompts).items()}
+    once = policy.encode(prompts)
+    enc = {key: v.repeat_interleave(k, dim=0) for key, v in once.items()}
     how = Sampling(sampling.temperature, sampling.top_k, sampling.top_p)
     with eval_mode(model, dropout):
+        # ... and passed once: its k samples start from the same prefill (with dropout on, each
+        # sample draws its own masks over the prompt too, as the authors' did).
+        pre = None if dropout or not can_prefill_apart(model) else prefill(model, once).repeat_interleave(k)
         out = decode(policy, model, repeated, max_new_tokens, sampling=how, return_logprobs=return_logprobs,
-                     enc=enc)
+                     enc=enc, prefilled=pre)
     return Rollout(repeated, enc, out.ids, out.mask, policy.decode(out.ids), out.logprobs)
 
 
