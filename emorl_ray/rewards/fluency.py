@@ -116,7 +116,7 @@ class PerplexityFluency:
                 self.contexts.put(c, batch.row(b, len(c)))
         found = {c: self.contexts.entries.get(c) for c in set(contexts)}
         if any(v is None for v in found.values()):  # larger than the whole cache: pass them now
-            return [found[c] or self._pass_one(c) for c in contexts]
+            return [self._pass_one(c) if found[c] is None else found[c] for c in contexts]
         return [found[c] for c in contexts]
 
     def _pass_one(self, context: tuple[int, ...]) -> Prefilled:
