@@ -17,14 +17,15 @@ pytestmark = [pytest.mark.gpu,
 PROMPTS = ["I feel stuck at work", "My dog died last week", "Nobody listens to me", "I can't sleep"]
 
 
+@pytest.mark.parametrize("prefill_cache_mb", [0, 64])
 @pytest.mark.parametrize("aggregation", ["hidden_state", "logit", "parameter"])
-def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggregation):
+def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggregation, prefill_cache_mb):
     from test_ensemble import _random_adapters
 
     from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 
     mc, adapters = _random_adapters(tiny_causal, tmp_path)
-    ens = AdapterEnsemble(Policy(mc, "cuda"), adapters)
+    ens = AdapterEnsemble(Policy(mc, "cuda"), adapters, prefill_cache_mb=prefill_cache_mb)
     cpu = AdapterEnsemble(Policy(mc, "cpu"), adapters)
     w = {"a": 0.2, "b": 0.5, "c": 0.3}
     greedy = ens.generate(PROMPTS, w, 8, aggregation=aggregation)
@@ -49,3 +50,22 @@ def test_scst_step_on_cuda(tiny_causal, precision):
     stats = scst_step(policy, policy.model, opt, PROMPTS[:2], LocalRewards({"v": vowel_start}), {"v": 1.0}, cfg,
                       scaler=scaler)
     assert all(v == v for k, v in stats.items() if k != "kl") and stats["kl"] >= 0
+
+
+def test_scorers_on_cuda_match_cpu(tiny_causal):
+    """The scorers that load a model run on the device their replica reserved (`num_gpus`), with
+    and without the fluency scorer's kept prompt passes."""
+    from emorl_ray.rewards.fluency import PerplexityFluency
+    from emorl_ray.rewards.similarity import EmbeddingSimilarity
+
+    mc = ModelConfig(id=tiny_causal, use_chat_template=False)
+    responses = ["It sounds hard", "You miss him", "", "Sleep matters to you"]
+    cpu = PerplexityFluency("policy", mc, cap=1e6).perplexities(PROMPTS, responses)
+    for cache_mb in (0, 16):
+        gpu = PerplexityFluency("policy", mc, cap=1e6, device="cuda", context_cache_mb=cache_mb)
+        assert next(gpu.model.parameters()).is_cuda
+        for _ in range(2):  # the second time from the kept passes
+            assert gpu.perplexities(PROMPTS, responses) == pytest.approx(cpu, rel=1e-3)
+    encoder = EmbeddingSimilarity(tiny_causal, device="cuda")
+    assert next(encoder.model.parameters()).is_cuda
+    assert encoder(PROMPTS, responses) == pytest.approx(EmbeddingSimilarity(tiny_causal)(PROMPTS, responses), abs=1e-4)
