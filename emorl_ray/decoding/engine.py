@@ -130,7 +130,6 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
     temperature = sampling.temperature if sampling is not None else 1.0
     kw = forward_kwargs or {}
     enc = enc if enc is not None else policy.encode(prompts)
-    input_ids = enc["input_ids"].repeat(K, 1)
     attn = enc["attention_mask"].repeat(K, 1)
     head = model.get_output_embeddings()
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -138,14 +137,15 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
     with LMHeadInput(model) as cap:
         if policy.is_seq2seq:
             start = torch.full((K * B, 1), model.config.decoder_start_token_id, device=dev)
-            out = model(input_ids=input_ids, attention_mask=attn, decoder_input_ids=start, use_cache=True, **kw)
+            out = model(input_ids=enc["input_ids"].repeat(K, 1), attention_mask=attn, decoder_input_ids=start,
+                        use_cache=True, **kw)
             encoder_outputs = (out.encoder_last_hidden_state,)
             past, h = out.past_key_values, cap.value[:, -1]
         else:
             pos = positions(attn)
             if prefilled is None:
-                out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                            logits_to_keep=1, **kw)
+                out = model(input_ids=enc["input_ids"].repeat(K, 1), attention_mask=attn, position_ids=pos,
+                            use_cache=True, logits_to_keep=1, **kw)
                 past, h = out.past_key_values, cap.value[:, -1]
             else:
                 if prefilled.last_hidden.shape[0] != K * B or prefilled.keys[0].shape[-2] != attn.shape[1]:

@@ -17,6 +17,7 @@ import torch
 
 from emorl_ray import storage
 from emorl_ray.decoding.engine import LMHeadInput
+from emorl_ray.decoding.prefill import positions
 from emorl_ray.models import Policy
 
 
@@ -48,7 +49,7 @@ class ReferenceEnsemble:
                     else:
                         ids = torch.cat([enc["input_ids"], out], 1)
                         attn = torch.cat([enc["attention_mask"], torch.ones_like(out)], 1)
-                        model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0))
+                        model(input_ids=ids, attention_mask=attn, position_ids=positions(attn))
                 h = h + weights[name] * cap.value
             head = self.models[0].get_output_embeddings()
             nxt = torch.nn.functional.linear(h, head.weight, head.bias)[:, -1].argmax(-1)

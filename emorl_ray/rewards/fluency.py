@@ -82,10 +82,8 @@ class PerplexityFluency:
             n_tgt = min(len(tgt), len(ids))
             seqs.append(ids)
             labels.append([-100] * (len(ids) - n_tgt) + ids[len(ids) - n_tgt:])
-        width = max(len(s) for s in seqs)
-        input_ids = self._tensor([s + [self._pad] * (width - len(s)) for s in seqs])
-        attn = self._tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        lab = self._tensor([lb + [-100] * (width - len(lb)) for lb in labels])
+        input_ids, attn = self._right_padded(seqs)
+        lab, _ = self._right_padded(labels, -100)
         logits = self.model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
         return self._summed_nll(logits, lab[:, 1:])
 
@@ -94,12 +92,10 @@ class PerplexityFluency:
         token and the target, so every scored token's logits still come from the model's own head."""
         pre, ctx_mask = Prefilled.left_padded(self._kept([tuple(c[:-1]) for c, _ in rows]))
         seqs = [[c[-1]] + t for c, t in rows]
-        width = max(len(s) for s in seqs)
-        input_ids = self._tensor([s + [self._pad] * (width - len(s)) for s in seqs])
-        new_mask = self._tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        lab = self._tensor([s[1:] + [-100] * (width - len(s)) for s in seqs])
+        input_ids, new_mask = self._right_padded(seqs)
+        lab, _ = self._right_padded([s[1:] for s in seqs], -100)  # what each position predicts
         attn = torch.cat([ctx_mask.to(self.device), new_mask], 1)
-        pos = positions(attn)[:, -width:]
+        pos = positions(attn)[:, -input_ids.shape[1]:]
         logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
                             past_key_values=pre.cache(self.model.config)).logits
         return self._summed_nll(logits[:, :-1], lab)
@@ -132,6 +128,13 @@ class PerplexityFluency:
     @property
     def _pad(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _right_padded(self, rows: list[list[int]], pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows padded on the right to one width (with `pad`, default the pad token), and their mask."""
+        width = max(len(r) for r in rows)
+        fill = self._pad if pad is None else pad
+        return (self._tensor([r + [fill] * (width - len(r)) for r in rows]),
+                self._tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]))
 
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, device=self.device)

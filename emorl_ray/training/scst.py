@@ -29,7 +29,7 @@ import torch
 
 from emorl_ray.config import SamplingConfig, TrainingConfig
 from emorl_ray.decoding.engine import Sampling, decode, eval_mode, prefill
-from emorl_ray.decoding.prefill import can_prefill_apart
+from emorl_ray.decoding.prefill import can_prefill_apart, positions
 from emorl_ray.decoding.sampling import warp_logits
 from emorl_ray.models import Policy
 
@@ -96,7 +96,7 @@ def response_logits(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: t
         full = torch.cat([enc["input_ids"], ids], 1)
         attn = torch.cat([enc["attention_mask"], mask], 1)
         # Positions from the mask, as `generate` does, so left padding scores like sampling did.
-        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        pos = positions(attn)
         # Only the positions that predict response tokens go through the LM head: the prompt's
         # full-vocabulary logits would be computed, kept for backward and thrown away.
         T = ids.shape[1]
