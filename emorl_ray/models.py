@@ -146,9 +146,16 @@ class Policy:
         self.cfg = cfg
         self.path = resolve(cfg.id, cfg.gguf_file, cfg.cache_dir)
         self.kind = model_kind(self.path, cfg)
+        if self.kind == "seq2seq" and cfg.decode_step != "eager":
+            raise ConfigError("model.decode_step", f"{cfg.decode_step!r} needs a decoder-only model; "
+                              f"{cfg.id!r} is an encoder-decoder: set it to 'eager'")
         self.tokenizer = load_tokenizer(self.path, cfg, self.kind)
         self.model = load_model(self.path, cfg, self.kind, device)
         self.device = torch.device(device)
+
+    @property
+    def decode_step(self) -> str:
+        return self.cfg.decode_step
 
     @property
     def is_seq2seq(self) -> bool:

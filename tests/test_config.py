@@ -84,6 +84,8 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r["evaluation"].update(methods=["emorl", "emorl"]), "evaluation.methods", "repeats"),
     (lambda r: r["evaluation"].update(samples_per_prompt=0), "evaluation.samples_per_prompt", ">= 1"),
     (lambda r: r["training"].update(keep_checkpoints=0), "training.keep_checkpoints", ">= 1"),
+    (lambda r: r["model"].update(decode_step="cuda_graph"), "model.decode_step", "one of"),
+    (lambda r: r["model"].update(kind="seq2seq", decode_step="graph"), "model.decode_step", "decoder-only"),
 ])
 def test_bad_config_names_the_field(tiny_causal, tmp_path, mutate, path, words):
     err = _bad(tiny_causal, tmp_path, mutate)

@@ -1,10 +1,15 @@
+import dataclasses
+
+import peft
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from emorl_ray.config import LoraConfig, ModelConfig
+from emorl_ray.config import ConfigError, LoraConfig, ModelConfig
 from emorl_ray.data import read_demo
+from emorl_ray.decoding.engine import generate_texts
 from emorl_ray.decoding.sampling import choose_token
+from emorl_ray.decoding.static import KEPT_CACHES, static_decoder
 from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 from emorl_ray.ensemble.weights import WeightError
 from emorl_ray.models import Policy, lora_config
@@ -115,6 +120,41 @@ def test_kept_prompt_passes_change_no_token(tiny_causal, tmp_path, aggregation):
     small = AdapterEnsemble(Policy(mc), adapters, prefill_cache_mb=1.5 * cache.bytes / 8 / 2**20)
     small.generate(PROMPTS, {"a": 1, "b": 1, "c": 1}, 3, batch_size=4)
     assert 0 < len(small.prefills.entries) < 6 and small.prefills.bytes <= small.prefills.max_bytes
+
+
+@pytest.mark.parametrize("decode_step", ["static", "graph"])
+def test_fixed_shape_decode_steps_give_the_eager_tokens(decode_step, tiny_causal, tmp_path):
+    """The static KV cache (`decoding.static`), stepped eagerly or compiled, changes no token: one
+    policy, and the ensemble with kept prompt passes and mixed per-row weights, greedy and seeded;
+    a decode of a shape seen before reuses its cache. (On a GPU "graph" replays CUDA graphs:
+    tests/test_gpu.py.)"""
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    fixed = dataclasses.replace(mc, decode_step=decode_step)
+    eager_policy, fixed_policy = Policy(mc), Policy(fixed)
+    assert generate_texts(fixed_policy, fixed_policy.model, PROMPTS, 10, batch_size=6) == \
+        generate_texts(eager_policy, eager_policy.model, PROMPTS, 10, batch_size=6)
+    eager, static = AdapterEnsemble(Policy(mc), adapters), AdapterEnsemble(Policy(fixed), adapters, prefill_cache_mb=16)
+    rows = [[1, 0, 0], [0.2, 0.5, 0.3], [0, 2, 1], [1, 1, 1], [0, 0, 1], [0.2, 0.5, 0.3]]
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    for how in ({}, dict(greedy=False, seed=5, temperature=0.9, top_k=20)):
+        for _ in range(2):
+            assert static.generate(PROMPTS, rows, 10, **how) == eager.generate(PROMPTS, rows, 10, **how)
+    assert len(set(eager.generate(PROMPTS, rows, 10))) > 2
+    caches = static_decoder(static.model, decode_step == "graph").caches
+    assert list(caches) == [(3 * len(PROMPTS), 64)]  # K * B rows, prompt + 10 rounded up to 64
+    assert len(caches) <= KEPT_CACHES
+    assert (torch._dynamo.utils.counters["frames"]["ok"] > frames) == (decode_step == "graph")
+
+
+def test_fixed_shape_steps_need_a_decoder_only_model_and_linear_adapters(tiny_t5, tiny_causal, tmp_path):
+    with pytest.raises(ConfigError, match="model.decode_step.*decoder-only"):
+        Policy(ModelConfig(id=tiny_t5, decode_step="static"))
+    policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False, decode_step="static"))
+    dora = get_peft_model(policy.model, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, task_type="CAUSAL_LM"))
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ConfigError, match="model.decode_step.*DoRA"):
+        AdapterEnsemble(Policy(ModelConfig(id=tiny_causal, use_chat_template=False, decode_step="static")),
+                        {"d": str(tmp_path / "dora")})
 
 
 def test_base_model_path_matches_plain_generate(tiny_causal, tmp_path):

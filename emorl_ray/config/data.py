@@ -25,11 +25,18 @@ class ModelConfig:
     system_prompt: str = "You are a counselor. Reply with one short reflection of what the client feels."
     prompt_template: str = "{prompt}"
     cache_dir: Optional[str] = None  # where GGUF conversions are cached (default ~/.cache/emorl_ray)
+    # How a decode step runs (docs/method.md §3, `decoding.static`): "eager" grows a dynamic KV
+    # cache (the CPU's fast path); "static" steps a fixed-length KV cache; "graph" compiles that
+    # step (torch.compile, mode "reduce-overhead": a CUDA graph replayed per step on a GPU).
+    # Decoder-only models only.
+    decode_step: Literal["eager", "static", "graph"] = "eager"
 
     def validate(self, path: str = "model") -> None:
         check_model_ref(self.id, f"{path}.id")
         check(self.max_prompt_tokens >= 8, f"{path}.max_prompt_tokens", "must be >= 8")
         check("{prompt}" in self.prompt_template, f"{path}.prompt_template", "must contain '{prompt}'")
+        check(self.kind != "seq2seq" or self.decode_step == "eager", f"{path}.decode_step",
+              f"{self.decode_step!r} needs a decoder-only model; set it to 'eager' for model.kind 'seq2seq'")
 
 
 @dataclass

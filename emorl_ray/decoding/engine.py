@@ -25,6 +25,7 @@ import torch
 
 from emorl_ray.decoding.prefill import Prefilled, positions
 from emorl_ray.decoding.sampling import choose_token, device_generator, token_logprobs_under
+from emorl_ray.decoding.static import check_static, static_decoder
 
 _SKINNY_ROWS = 48  # up to this many rows, `linear` multiplies W @ x^T on a CPU
 
@@ -134,6 +135,12 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
     head = model.get_output_embeddings()
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     tokens, logprobs = [], []
+    static = None  # a fixed-shape step (decoding.static), where the policy asks for one
+    if not policy.is_seq2seq and getattr(policy, "decode_step", "eager") != "eager":
+        check_static(model, kw)
+        if prefilled is None:
+            prefilled = prefill(model, {"input_ids": enc["input_ids"].repeat(K, 1), "attention_mask": attn})
+        static = static_decoder(model, compiled=policy.decode_step == "graph").start(prefilled, attn, max_new_tokens)
     with LMHeadInput(model) as cap:
         if policy.is_seq2seq:
             start = torch.full((K * B, 1), model.config.decoder_start_token_id, device=dev)
@@ -150,7 +157,8 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
             else:
                 if prefilled.last_hidden.shape[0] != K * B or prefilled.keys[0].shape[-2] != attn.shape[1]:
                     raise ValueError("the prefilled blocks do not match the prompts being decoded")
-                past, h = prefilled.cache(model.config), prefilled.last_hidden
+                past = None if static is not None else prefilled.cache(model.config)
+                h = prefilled.last_hidden
         for _ in range(max_new_tokens):
             # `linear`, not head(): the capture hook sits on head's forward.
             logits, step_temperature = _next_logits(h, w, head, aggregation, temperature)
@@ -166,6 +174,10 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
             if finished.all():  # the one host sync per token: the stop check
                 break
             step = nxt.repeat(K).unsqueeze(1)
+            if static is not None:
+                pos = pos[:, -1:] + 1
+                h = static.step(step, pos)
+                continue
             if policy.is_seq2seq:
                 out = model(encoder_outputs=encoder_outputs, attention_mask=attn, decoder_input_ids=step,
                             past_key_values=past, use_cache=True, **kw)

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import torch
 
 from emorl_ray import storage
-from emorl_ray.config import AGGREGATIONS
+from emorl_ray.config import AGGREGATIONS, ConfigError
 from emorl_ray.decoding.engine import Sampling, decode, prefill
 from emorl_ray.decoding.prefill import PrefillCache, Prefilled, can_prefill_apart
 from emorl_ray.decoding.sampling import device_generator
@@ -56,6 +56,9 @@ class AdapterEnsemble:
             model.load_adapter(adapters[name], adapter_name=name)
         self.model = model.eval()
         self.policy = policy
+        if getattr(policy, "decode_step", "eager") != "eager" and not StackedLoRA.supported(model, self.names):
+            raise ConfigError("model.decode_step", f"{policy.decode_step!r} needs LoRA adapters on Linear layers "
+                              "only (no DoRA, no embedding adapters); these need peft's mixed batches: use 'eager'")
         self._stacks: dict[tuple[str, ...], StackedLoRA | None] = {}
         self.prefills = PrefillCache(int(prefill_cache_mb * 2**20)) \
             if prefill_cache_mb > 0 and can_prefill_apart(model) else None

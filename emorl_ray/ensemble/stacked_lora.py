@@ -27,10 +27,12 @@ class StackedLoRA:
 
     def __init__(self, model, names: list[str]):
         self.model, self.names = model, names
-        # The adapters' weights never change after loading: the ensemble keeps one per adapter set.
-        self.stacks = [(m, *self._stacks(m)) for m in model.modules()
-                       if hasattr(m, "lora_A") and hasattr(m, "base_layer")
-                       and isinstance(m.base_layer, torch.nn.Linear) and any(n in m.lora_A for n in names)]
+        # The adapters' weights never change after loading: the ensemble keeps one per adapter set,
+        # and its layer forwards are made once, so a compiled decode step (decoding.static) sees
+        # the same functions on every decode.
+        self.forwards = [(m, self._forward(m, *self._stacks(m))) for m in model.modules()
+                         if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+                         and isinstance(m.base_layer, torch.nn.Linear) and any(n in m.lora_A for n in names)]
 
     @staticmethod
     def supported(model, names: list[str]) -> bool:
@@ -56,24 +58,27 @@ class StackedLoRA:
                 B[k, :b.shape[1], :] = (b * m.scaling[n]).t()
         return A, B
 
+    def _forward(self, m, A: torch.Tensor, B: torch.Tensor):
+        """Layer m's forward inside the context: base product + the K adapters' stacked term."""
+        K, base = len(self.names), m.base_layer
+        # Subclasses of Linear (quantized layers) compute their own product.
+        product = base if type(base) is not torch.nn.Linear else (
+            lambda rows: linear(rows, base.weight, base.bias))
+
+        def forward(x, *args, **kwargs):
+            rows = x.reshape(-1, x.shape[-1])
+            y = product(rows)
+            xa = torch.bmm(rows.view(K, -1, rows.shape[-1]).to(A.dtype), A)
+            y.view(K, -1, y.shape[-1]).baddbmm_(xa.to(y.dtype), B.to(y.dtype))
+            return y.view(*x.shape[:-1], -1)
+
+        return forward
+
     def __enter__(self):
         self._stack = contextlib.ExitStack()
         # LoRA layers this context does not replace (other adapters' only) must add nothing.
         self._stack.enter_context(self.model.disable_adapter())
-        K = len(self.names)
-        for m, A, B in self.stacks:
-            base = m.base_layer
-            # Subclasses of Linear (quantized layers) compute their own product.
-            product = base if type(base) is not torch.nn.Linear else (
-                lambda rows, base=base: linear(rows, base.weight, base.bias))
-
-            def forward(x, *args, product=product, A=A, B=B, **kwargs):
-                rows = x.reshape(-1, x.shape[-1])
-                y = product(rows)
-                xa = torch.bmm(rows.view(K, -1, rows.shape[-1]).to(A.dtype), A)
-                y.view(K, -1, y.shape[-1]).baddbmm_(xa.to(y.dtype), B.to(y.dtype))
-                return y.view(*x.shape[:-1], -1)
-
+        for m, forward in self.forwards:
             m.forward = forward  # an instance attribute shadows the class's forward until removed
             self._stack.callback(delattr, m, "forward")
         return self

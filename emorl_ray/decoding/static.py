@@ -1,0 +1,131 @@
+"""Decode steps of one fixed shape, which a GPU can replay as one captured graph.
+
+With a DynamicCache every step grows each layer's keys and values by one position: new shapes and
+new allocations every step, and on a GPU a step of a small model is mostly Python launching its
+hundreds of kernels one by one (the issue that added this measured 2.5 % of the H200's bandwidth
+bound). Here the N = K * B rows' keys and values live in a `StaticCache` of fixed length L (the
+prompt plus the new tokens, rounded up to `LENGTH_BUCKET`), the attention mask covers all L
+positions from the first step (positions not yet written are hidden by causality), and from one
+step to the next only the new token ids and their positions change. Every step is then the same
+computation on tensors at the same addresses, which `torch.compile(mode="reduce-overhead")`
+captures once per (N, L) as a CUDA graph and replays.
+
+`model.decode_step` picks the step: "eager" (the dynamic cache; the CPU default), "static" (this
+cache, run eagerly: the graph's computation without the graph) or "graph" (this cache, compiled).
+The prompt pass itself is not captured (its shape changes with every batch); it is the engine's
+`prefill`, copied into the static cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from emorl_ray.decoding.prefill import Prefilled
+
+LENGTH_BUCKET = 64  # L is rounded up to this, so that prompt lengths share their graphs
+KEPT_CACHES = 4     # static caches (and so captured graphs' inputs) kept per model, least recently used dropped
+
+
+def _decoder_forward(decoder, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """One step through the decoder stack (the LM head's input comes out; the engine applies the
+    head to the combination of the K blocks)."""
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    return out.last_hidden_state[:, -1]
+
+
+_compiled_forward = None
+RECOMPILE_LIMIT = 64
+
+
+def compiled_forward():
+    """One compiled step for every model (dynamo keys its graphs by the module and the shapes)."""
+    global _compiled_forward
+    if _compiled_forward is None:
+        # One graph per (rows, cache length, adapter set): a search meets a few dozen. Past dynamo's
+        # default of 8 it would fall back to eager steps with only a log line to say so.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _compiled_forward = torch.compile(_decoder_forward, mode="reduce-overhead", dynamic=False)
+    return _compiled_forward
+
+
+def decoder_of(model):
+    """The transformer stack under the LM head, through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def check_static(model, forward_kwargs: dict) -> None:
+    """What the static step needs: a decoder-only model whose cache layers keep the whole prefix,
+    and adapters routed by the model's own modules (peft's `adapter_names` mixed batches are set up
+    by PeftModel.forward, which the step bypasses)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("model.decode_step 'static' and 'graph' need a decoder-only model; use 'eager' for "
+                         "encoder-decoder models such as T5")
+    layers = StaticCache(config=model.config, max_cache_len=LENGTH_BUCKET).layers
+    if not layers or any(type(layer) is not StaticLayer for layer in layers):
+        raise ValueError("model.decode_step 'static' and 'graph' need a model without sliding-window or "
+                         "recurrent layers; use 'eager'")
+    if forward_kwargs:
+        raise ValueError("model.decode_step 'static' and 'graph' need LoRA adapters on Linear layers (the "
+                         "stacked product); these adapters need peft's mixed batches: use 'eager'")
+
+
+class StaticRun:
+    """One decode's static cache, loaded with the prompt passes, and its constant attention mask."""
+
+    def __init__(self, forward, decoder, cache, mask: torch.Tensor):
+        self.forward, self.decoder, self.cache, self.mask = forward, decoder, cache, mask
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The LM head's input (N, d) after feeding `ids` (N, 1) at positions `pos` (N, 1)."""
+        if ids.device.type == "cuda":
+            # A new replay: the previous step's output buffers may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.forward(self.decoder, ids, pos, self.mask, self.cache)
+
+
+class StaticDecoder:
+    """A model's static caches, by (rows, length), kept across decodes: a captured graph reads its
+    cache at fixed addresses, so a cache is reset and reused rather than made anew."""
+
+    def __init__(self, model, compiled: bool):
+        self.model, self.compiled = model, compiled
+        self.caches: OrderedDict[tuple[int, int], object] = OrderedDict()
+
+    def start(self, pre: Prefilled, attn: torch.Tensor, max_new_tokens: int) -> StaticRun:
+        """`pre`: the N rows' prompt passes; `attn`: their (N, P) attention mask."""
+        from transformers import StaticCache
+
+        rows, prompt_len = attn.shape
+        length = -(-(prompt_len + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
+        cache = self.caches.pop((rows, length), None)
+        if cache is None:
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            while len(self.caches) >= KEPT_CACHES:
+                self.caches.popitem(last=False)
+        else:
+            cache.reset()
+        self.caches[(rows, length)] = cache
+        for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
+            cache.layers[i].update(k, v)  # positions 0..P-1; the step writes from P on
+        mask = torch.ones(rows, length, dtype=attn.dtype, device=attn.device)
+        mask[:, :prompt_len] = attn
+        forward = compiled_forward() if self.compiled else _decoder_forward
+        return StaticRun(forward, decoder_of(self.model), cache, mask)
+
+
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def static_decoder(model, compiled: bool) -> StaticDecoder:
+    key = (compiled,)
+    per_model = _decoders.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = StaticDecoder(model, compiled)
+    return per_model[key]
