@@ -47,18 +47,11 @@ from emorl_ray.config import LoraConfig, ModelConfig
 from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 from emorl_ray.ensemble.reference import ReferenceEnsemble
 from emorl_ray.models import DTYPES, Policy, lora_config
-from emorl_ray.testing import build_tiny_model
+from emorl_ray.testing import MODEL_SHAPES, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PRESETS = {
-    "small": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
-                  num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-}
+PRESETS = {name: dims for name, dims in MODEL_SHAPES.items() if name != "minilm-l6"}
 
 
 class TokenIdPolicy:

@@ -4,12 +4,16 @@ step, side by side in one process on the same model, prompts, batch, k, LoRA and
     pip install --no-deps trl==1.16.0                 # for this benchmark only
     python bench/train_throughput.py --quick          # tiny random model, ~1 minute
     python bench/train_throughput.py --model smollm2  # the embedded default (CPU: a few minutes)
+    python bench/train_throughput.py --model DIR --device cuda --batch 16 --k 4 --max-new-tokens 64 \
+        --decode-step graph                           # a GPU (DIR: bench/random_model.py smollm2-135m)
 
 Both sample B prompts x k completions (temperature 1, no top-k/top-p, at most --max-new-tokens),
 score them with the same Python reward (word overlap), compute the leave-one-out advantage and take
 one AdamW step on a LoRA adapter (r 8, alpha 32, all linear layers, no dropout, no KL term, no
-gradient checkpointing, float32: TRL's defaults of checkpointing and bf16 are off here;
-`--trl-gradient-checkpointing` turns the first back on). Times
+gradient checkpointing, float32 unless `--precision bf16`, which both run as bf16 autocast over
+float32 weights: TRL's defaults of checkpointing and bf16 are off here;
+`--trl-gradient-checkpointing` turns the first back on). `--decode-step` is ours' rollout step
+(model.decode_step); TRL samples with `generate`, without vLLM. Times
 are per optimizer step after --warmup steps; samples/s = B * k / step time. Completion lengths are
 reported too: a step with longer completions costs more, whoever runs it.
 Writes bench/results/train_throughput-<model>.json and prints a table.
@@ -61,10 +65,12 @@ def ours(path: str, prompts: list[str], args) -> dict:
     from emorl_ray.training.scst import scst_step
 
     torch.manual_seed(0)
-    policy = Policy(ModelConfig(id=path, use_chat_template=False, max_prompt_tokens=256))
+    policy = Policy(ModelConfig(id=path, use_chat_template=False, max_prompt_tokens=256,
+                                decode_step=args.decode_step), args.device)
     policy.model = get_peft_model(policy.model, lora_config(LoraConfig(r=8, alpha=32, dropout=0.0), policy.kind))
     cfg = TrainingConfig(batch_size=args.batch, k=args.k, lr=args.lr, max_new_tokens=args.max_new_tokens,
-                         reward_transform="identity", baseline="rloo", loss_reduction="token_mean")
+                         reward_transform="identity", baseline="rloo", loss_reduction="token_mean",
+                         precision=args.precision)
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr)
     rewards = LocalRewards({"overlap": word_overlap})
     times, lengths = [], []
@@ -72,6 +78,7 @@ def ours(path: str, prompts: list[str], args) -> dict:
         batch = [prompts[(step * args.batch + i) % len(prompts)] for i in range(args.batch)]
         t0 = time.perf_counter()
         stats = scst_step(policy, policy.model, opt, batch, rewards, {"overlap": 1.0}, cfg)
+        synchronize(args.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             lengths.append(stats["response_tokens"])
@@ -91,6 +98,7 @@ def trl(path: str, prompts: list[str], args, tmp: str) -> dict:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            synchronize(args.device)
             times.append(time.perf_counter() - self.t0)
 
     def overlap(prompts, completions, **kw):
@@ -110,9 +118,9 @@ def trl(path: str, prompts: list[str], args, tmp: str) -> dict:
         # TRL turns gradient checkpointing on by default; ours does not checkpoint, so like for like
         # it is off unless --trl-gradient-checkpointing.
         gradient_checkpointing=args.trl_gradient_checkpointing,
-        # TRL also defaults to bf16 autocast; ours runs in float32 (training.precision: fp32), and so
-        # does TRL here (bf16 matmuls are emulated, and slow, on CPUs without native bf16).
-        bf16=False)
+        # TRL also defaults to bf16 autocast; both run at --precision (bf16 matmuls are emulated,
+        # and slow, on CPUs without native bf16).
+        bf16=args.precision == "bf16")
     trainer = RLOOTrainer(model=model, reward_funcs=overlap, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[StepTimer()],
                           peft_config=peft.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
@@ -120,6 +128,11 @@ def trl(path: str, prompts: list[str], args, tmp: str) -> dict:
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return summarize(times[args.warmup:], lengths[args.warmup:], args)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def summarize(times: list[float], lengths: list[float], args) -> dict:
@@ -139,7 +152,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cpu", help="cpu only: the step runs where the model is")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="training.precision (both trainers)")
+    p.add_argument("--decode-step", default="eager", choices=["eager", "static", "graph"],
+                   help="ours' rollout decode step (model.decode_step)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (recomputes "
                    "activations in the backward pass: less memory, slower)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -159,14 +175,16 @@ def main(argv=None) -> int:
         results = {"ours (k-SCST)": ours(path, prompts, args), f"TRL {trl_pkg.__version__} RLOOTrainer": trl(
             path, prompts, args, tmp)}
     a, b = results.values()
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     out = {"model": args.model, "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "batch": args.batch,
-           "k": args.k, "max_new_tokens": args.max_new_tokens,
+           "k": args.k, "max_new_tokens": args.max_new_tokens, "device": args.device, "device_name": dev_name,
+           "precision": args.precision, "decode_step": args.decode_step,
            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
            "results": results, "ratio_ours_over_trl": a["samples_per_s"] / b["samples_per_s"],
            "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = Path(args.model).name if args.model not in ("tiny", "smollm2") else args.model
-    (Path(args.out) / f"train_throughput-{name}.json").write_text(json.dumps(out, indent=2))
+    (Path(args.out) / f"train_throughput-{name}-{args.device}.json").write_text(json.dumps(out, indent=2))
     print(f"\n{'trainer':<28} {'median step s':>14} {'samples/s':>10} {'completion tokens':>18}")
     for k, r in results.items():
         print(f"{k:<28} {r['median_step_s']:>14.3f} {r['samples_per_s']:>10.2f} "

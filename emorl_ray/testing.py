@@ -61,6 +61,49 @@ def build_tiny_model(path: str | os.PathLike, kind: str = "causal", seed: int = 
     return str(path)
 
 
+# Architectures of real models, for random-weight stand-ins of the same size: throughput and
+# memory do not depend on the weight values, and a GPU node without the hub or the embedded
+# weights can still build them (bench/random_model.py).
+MODEL_SHAPES = {
+    "small": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # sentence-transformers/all-MiniLM-L6-v2, the embedded scorers' encoder (a BERT)
+    "minilm-l6": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                      vocab_size=30522),
+}
+
+
+def build_random_model(path: str | os.PathLike, shape: str, tokenizer: str | os.PathLike,
+                       dtype: str = "float32", seed: int = 0) -> str:
+    """Write a randomly initialised model of `shape` (MODEL_SHAPES) to `path`, with the tokenizer
+    saved in the directory `tokenizer` (the real model's: prompts, chat template and special tokens
+    as the real model sees them), and return `path`. LLaMA shapes become causal LMs, minilm-l6 a
+    BERT encoder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"shape must be one of {sorted(MODEL_SHAPES)}, got {shape!r}")
+    tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+    dims = MODEL_SHAPES[shape]
+    if len(tok) > dims["vocab_size"]:
+        raise ValueError(f"the tokenizer in {tokenizer} has {len(tok)} tokens, more than {shape}'s "
+                         f"{dims['vocab_size']}: give the tokenizer of the model this shape is taken from")
+    torch.manual_seed(seed)
+    if shape == "minilm-l6":
+        model = BertModel(BertConfig(**dims, pad_token_id=tok.pad_token_id))
+    else:
+        eos = tok.eos_token_id
+        model = LlamaForCausalLM(LlamaConfig(**dims, max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                                             eos_token_id=eos, pad_token_id=tok.pad_token_id or eos))
+    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Toy scorers: python scorers, (prompts, responses) -> scores in [0, 1]
 # ---------------------------------------------------------------------------------------------

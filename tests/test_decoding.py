@@ -43,3 +43,24 @@ def test_sampled_first_tokens_follow_the_warped_distribution(tiny_causal):
     assert set(first.tolist()) <= set(torch.nonzero(probs).flatten().tolist())
     assert (freq - probs).abs().max() < 0.035
     torch.testing.assert_close(out.logprobs[:, 0], probs.log()[first], atol=1e-4, rtol=1e-4)
+
+
+def test_random_stand_in_has_the_shape_and_the_tokenizer(tiny_causal, tmp_path):
+    """bench/random_model.py's stand-ins (for GPU nodes without the weights): the named
+    architecture, the given tokenizer, loadable as a policy; a static-cache decode of it gives the
+    dynamic cache's tokens."""
+    from transformers import AutoConfig
+
+    from emorl_ray.testing import MODEL_SHAPES, build_random_model
+
+    path = build_random_model(tmp_path / "small", "small", tiny_causal, dtype="bfloat16")
+    conf = AutoConfig.from_pretrained(path)
+    assert (conf.hidden_size, conf.num_hidden_layers, conf.vocab_size) == (192, 6, MODEL_SHAPES["small"]["vocab_size"])
+    ids = {}
+    for step in ("eager", "static"):
+        policy = Policy(ModelConfig(id=path, use_chat_template=False, decode_step=step))
+        assert policy.tokenizer.get_vocab() == Policy(ModelConfig(id=tiny_causal)).tokenizer.get_vocab()
+        ids[step] = decode(policy, policy.model.eval(), PROMPTS, 6).ids
+    assert torch.equal(ids["static"], ids["eager"]) and ids["eager"].unique().numel() > 3
+    with pytest.raises(ValueError, match="shape must be one of"):
+        build_random_model(tmp_path / "x", "gpt-5", tiny_causal)

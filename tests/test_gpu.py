@@ -17,15 +17,21 @@ pytestmark = [pytest.mark.gpu,
 PROMPTS = ["I feel stuck at work", "My dog died last week", "Nobody listens to me", "I can't sleep"]
 
 
+@pytest.mark.parametrize("decode_step", ["eager", "graph"])
 @pytest.mark.parametrize("prefill_cache_mb", [0, 64])
 @pytest.mark.parametrize("aggregation", ["hidden_state", "logit", "parameter"])
-def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggregation, prefill_cache_mb):
+def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggregation, prefill_cache_mb,
+                                                    decode_step):
+    """"graph": the static KV cache's step captured as CUDA graphs (decoding.static) and replayed."""
+    import dataclasses
+
     from test_ensemble import _random_adapters
 
     from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 
     mc, adapters = _random_adapters(tiny_causal, tmp_path)
-    ens = AdapterEnsemble(Policy(mc, "cuda"), adapters, prefill_cache_mb=prefill_cache_mb)
+    ens = AdapterEnsemble(Policy(dataclasses.replace(mc, decode_step=decode_step), "cuda"), adapters,
+                          prefill_cache_mb=prefill_cache_mb)
     cpu = AdapterEnsemble(Policy(mc, "cpu"), adapters)
     w = {"a": 0.2, "b": 0.5, "c": 0.3}
     greedy = ens.generate(PROMPTS, w, 8, aggregation=aggregation)

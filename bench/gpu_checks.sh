@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU figures the README quotes, one phase per call so that each fits a short slot on a node:
+#
+#   bash bench/gpu_checks.sh PHASE [TOKENIZERS]      PHASE: tests | decode | train | pipeline | all
+#
+# On one CUDA GPU (H100/H200 class), with the project and its dependencies importable (plus
+# `pip install --no-deps trl==1.16.0 pytest` for `train` and `tests`). The node needs neither the
+# hub nor the embedded weights: `decode` uses random weights, and `train` and `pipeline` build
+# random-weight SmolLM2-135M / MiniLM-L6 stand-ins from the real tokenizers, which
+# `python bench/random_model.py --tokenizers DIR` saves where the embedded packages are installed
+# (TOKENIZERS, default bench/tokenizers). Output: bench/results/*.json and the logs in
+# bench/results/gpu_checks-PHASE.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+phase=${1:?give a phase: tests | decode | train | pipeline | all}
+tokenizers=${2:-bench/tokenizers}
+export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+mkdir -p bench/results
+work=$(mktemp -d)
+
+stand_ins() {  # random-weight models with the real tokenizers
+  for d in "$tokenizers/smollm2" "$tokenizers/minilm"; do
+    [[ -f $d/tokenizer_config.json ]] || { echo "no tokenizer in $d: run bench/random_model.py --tokenizers" >&2; exit 2; }
+  done
+  $py bench/random_model.py smollm2-135m "$work/smollm2" --tokenizer "$tokenizers/smollm2" --dtype bfloat16 >/dev/null
+  $py bench/random_model.py minilm-l6 "$work/minilm" --tokenizer "$tokenizers/minilm" >/dev/null
+}
+
+run_phase() {
+  case $1 in
+    tests)  # the unit and end-to-end paths on CUDA (tests/test_gpu.py)
+      $py -m pytest -m gpu -q -rs tests/test_gpu.py ;;
+    decode)  # K=3 ensemble vs one adapter (eager and static cache + compile) vs the reference loop
+      for step in graph eager; do
+        $py bench/ensemble_decode.py --model random:llama-1b --device cuda --dtype bfloat16 --batches 1,16,64 \
+          --decode-step "$step"
+        cp bench/results/ensemble_decode-random_llama-1b-cuda.json "bench/results/ensemble_decode-llama-1b-cuda-$step.json"
+      done ;;
+    train)  # the k-SCST step against TRL's RLOOTrainer on the SmolLM2 shape
+      stand_ins
+      for step in graph eager; do
+        $py bench/train_throughput.py --model "$work/smollm2" --device cuda --batch 16 --k 4 --max-new-tokens 64 \
+          --steps 6 --warmup 2 --decode-step "$step"
+        cp bench/results/train_throughput-smollm2-cuda.json "bench/results/train_throughput-smollm2-cuda-$step.json"
+      done ;;
+    pipeline)  # the main job on one GPU: configs/gpu_one_node.yaml with the stand-ins, shortened
+      stand_ins
+      /usr/bin/time -v $py jobs/train_all.py --config configs/gpu_one_node.yaml --output-dir "$work/runs" \
+        --set model.id="$work/smollm2" --set objectives.reflection.scorer.model="$work/minilm" \
+        --set objectives.empathy.scorer.model="$work/minilm" --set training.max_steps=20 \
+        --set search.levels=2 ;;
+    all) for p in tests decode train pipeline; do run_phase $p; done ;;
+    *) echo "unknown phase $1: tests | decode | train | pipeline | all" >&2; exit 2 ;;
+  esac
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+run_phase "$phase" 2>&1 | tee "bench/results/gpu_checks-$phase.log"
