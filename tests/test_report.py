@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_raw_config
 
 from emorl_ray.config import parse_config
-from emorl_ray.evaluation.methods import methods_to_evaluate, result_row
+from emorl_ray.evaluation.methods import decode_key, methods_to_evaluate, result_row
 from emorl_ray.evaluation.pareto import hypervolume, non_dominated, pareto_summary
 from emorl_ray.evaluation.stats import per_prompt_means
 from emorl_ray.rundir import EvalResult, RunManifest, SearchResult
@@ -80,6 +80,27 @@ def test_methods_to_evaluate_groups():
     some = methods_to_evaluate(["a", "b"], {"a": 1, "b": 0}, base, {"logit": {"a": 1, "b": 1}},
                                include=["emorl", "baselines"])
     assert list(some) == ["EMORL (searched weights)", "baseline: uniform"]
+
+
+def test_methods_that_decode_the_same_thing_share_a_request():
+    """Searched weights that came out one-hot decode what the single adapter does, and weights that
+    normalise to the same w / sum w decode alike; anything else keeps its own request."""
+    methods = methods_to_evaluate(["a", "b", "c"], {"a": 2.0, "b": 0.0, "c": 0.0}, (),
+                                  {"logit": {"a": 1, "b": 1, "c": 1}, "parameter": {"a": 1, "b": 1, "c": 1}})
+    for m in methods.values():
+        m.setdefault("aggregation", "hidden_state")
+    adapters = ["a", "b", "c"]
+    key = {name: decode_key(m, adapters) for name, m in methods.items()}
+    assert key["EMORL (searched weights)"] == key["single: a"] != key["single: b"]
+    assert len(set(key.values())) == len(key) - 1  # only that pair: logit, parameter and equal differ
+    same = {"weights": {"a": 0.25, "b": 0.25, "c": 0.5}, "aggregation": "hidden_state"}
+    assert decode_key(same, adapters) == decode_key({**same, "weights": {"a": 1, "b": 1, "c": 2}}, adapters)
+    # parameter aggregation depends on the scale of w
+    assert decode_key({**same, "aggregation": "parameter"}, adapters) != decode_key(
+        {"weights": {"a": 1, "b": 1, "c": 2}, "aggregation": "parameter"}, adapters)
+    assert decode_key({"weights": None}, adapters) != decode_key({"weights": None, "model_path": "/full"}, adapters)
+    assert decode_key({"weights_by_split": {}, "aggregation": "hidden_state"}, adapters) is None
+    assert decode_key({"weights": {"a": 0.0}, "aggregation": "hidden_state"}, adapters) == ("origin",)
 
 
 def _fake_run(tmp_path, tiny_causal):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from ray import serve
 
 from emorl_ray import storage
@@ -42,6 +43,25 @@ def methods_to_evaluate(objectives: list[str], best_weights: dict, baselines: li
         methods[label] = ({"weights": {m.name: 1.0}, "runs": [m.name]} if m.lora else
                           {"weights": None, "model_path": m.model_path, "runs": [m.name]})
     return methods
+
+
+def decode_key(method: dict, adapters: list[str]) -> tuple | None:
+    """What decides a method's generations, so that methods which decode the same thing share one
+    request (e.g. searched weights that came out one-hot are a single adapter's row). The
+    evaluator's decode depends on the weights only through the adapters with a weight > 0 and,
+    except for parameter aggregation, w / sum w, computed here as the ensemble computes it
+    (float32, in adapter order). None: never shared (weights per prompt)."""
+    if "weights_by_split" in method:
+        return None
+    if method["weights"] is None:
+        return ("model", method.get("model_path"))
+    kept = [(n, float(method["weights"][n])) for n in adapters if method["weights"].get(n, 0) > 0]
+    if not kept:
+        return ("origin",)
+    if method["aggregation"] != "parameter":
+        w = torch.tensor([x for _, x in kept], dtype=torch.float32)
+        kept = list(zip((n for n, _ in kept), (w / w.sum()).tolist()))
+    return (method["aggregation"], tuple(kept))
 
 
 def sampling_request(cfg: ExperimentConfig, decoding: str) -> dict | None:
@@ -148,12 +168,24 @@ def evaluate_methods(cfg: ExperimentConfig, run_dir: RunDir, best_weights: dict,
             methods["EMORL + router (weights per prompt)"] = {
                 "weights_by_split": {s: router.route(contexts[s]) for s in splits},
                 "aggregation": aggregation, "runs": [*objectives, "router"]}
-    # All requests at once: the deployment serialises generation, scoring overlaps.
-    pending = {(split, decoding, name): handle.evaluate.remote(
-        m["weights_by_split"][split] if "weights_by_split" in m else m["weights"], split, ev.max_new_tokens,
-        True, m.get("model_path"), m.get("aggregation"), sampling_request(cfg, decoding))
-        for split, decoding in tables for name, m in methods.items()}
-    results = {key: resp.result() for key, resp in pending.items()}
+    # All requests at once: the deployment serialises generation, scoring overlaps. Methods that
+    # decode the same thing share the first one's request.
+    pending, first = {}, {}
+    adapters = objectives + [b.name for b in baselines if b.lora]  # the evaluator's order (pipeline.evaluator_adapters)
+    for split, decoding in tables:
+        for name, m in methods.items():
+            key = decode_key(m, adapters)
+            same = first.setdefault((split, decoding, key), name) if key is not None else name
+            if same != name:
+                log.info("eval %s %s: %r decodes what %r does; one request serves both", split, decoding, name, same)
+                pending[split, decoding, name] = (split, decoding, same)
+                continue
+            pending[split, decoding, name] = handle.evaluate.remote(
+                m["weights_by_split"][split] if "weights_by_split" in m else m["weights"], split, ev.max_new_tokens,
+                True, m.get("model_path"), m.get("aggregation"), sampling_request(cfg, decoding))
+    results = {}
+    for key, resp in pending.items():
+        results[key] = results[resp] if isinstance(resp, tuple) else resp.result()
     if per_prompt is not None and "bandit" in ev.methods:  # one prompt after another, after the others
         name = "EMORL + bandit (online over the split)"
         methods[name] = {"aggregation": aggregation, "runs": [*objectives, "router"]}
