@@ -75,3 +75,54 @@ def test_scorers_on_cuda_match_cpu(tiny_causal):
     encoder = EmbeddingSimilarity(tiny_causal, device="cuda")
     assert next(encoder.model.parameters()).is_cuda
     assert encoder(PROMPTS, responses) == pytest.approx(EmbeddingSimilarity(tiny_causal)(PROMPTS, responses), abs=1e-4)
+
+
+def pipeline_then_endpoint(tiny_causal, tmp_path, gpu: bool = True) -> None:
+    """The whole pipeline on one node with the trainers, the scorers and the evaluator each on a
+    fraction of the GPU and every decode a replayed CUDA graph (the seeded sampled evaluation
+    crashed there once); then the run's adapters behind the HTTP endpoint on the GPU, greedy and
+    seeded sampled requests. `gpu=False` runs the same on the CPU (to check the test itself)."""
+    import json
+    from pathlib import Path
+
+    import ray
+    from conftest import tiny_raw_config
+    from ray import serve
+    from test_http import _free_port, _post
+
+    from emorl_ray.config import parse_config
+    from emorl_ray.ensemble.http import deploy_http
+    from emorl_ray.pipeline import run_pipeline
+
+    fraction = 0.2 if gpu else 0
+    raw = tiny_raw_config(tiny_causal, tmp_path / "runs", scaling={
+        "num_workers": 1, "cpus_per_worker": 0.3, "use_gpu": gpu, **({"gpus_per_worker": fraction} if gpu else {})})
+    raw["model"]["decode_step"] = "graph" if gpu else "static"
+    raw["search"]["evaluator_gpus"] = fraction
+    for objective in raw["objectives"].values():
+        objective["scorer"]["num_gpus"] = fraction / 4
+    port = _free_port()
+    raw["serving"] = {"port": port, "num_cpus": 0.2, "num_gpus": fraction, "max_new_tokens": 8}
+    cfg = parse_config(raw)
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})  # the pipeline joins this Serve
+        summary = run_pipeline(cfg)
+        run_dir = Path(summary["run_dir"])
+        tables = json.loads((run_dir / "eval" / "metrics.json").read_text())["tables"]
+        assert {t["decoding"] for t in tables} == {"greedy", "sampled"}
+        assert all(m["n_generations"] > 0 for t in tables for m in t["methods"])
+        manifest = json.loads((run_dir / "training" / "manifest.json").read_text())["runs"]
+        deploy_http(cfg, {m["name"]: m["adapter_path"] for m in manifest})
+        url = f"http://127.0.0.1:{port}/emorl/generate"
+        for how in ({}, {"greedy": False, "seed": 3, "temperature": 0.8}):
+            body = json.dumps({"prompts": ["I feel stuck at work", "My dog died"], "weights": [1, 3], **how}).encode()
+            answers = [_post(url, body) for _ in range(2)]
+            assert all(status == 200 for status, _ in answers), answers
+            assert answers[0][1]["responses"] == answers[1][1]["responses"]  # greedy, or the same seed
+    finally:
+        ray.shutdown()
+
+
+def test_pipeline_and_endpoint_on_gpu_fractions(tiny_causal, tmp_path):
+    pipeline_then_endpoint(tiny_causal, tmp_path)

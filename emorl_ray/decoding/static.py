@@ -2,9 +2,10 @@
 
 With a DynamicCache every step grows each layer's keys and values by one position: new shapes and
 new allocations every step, and on a GPU a step of a small model is mostly Python launching its
-hundreds of kernels one by one (the issue that added this measured 2.5 % of the H200's bandwidth
-bound). Here the N = K * B rows' keys and values live in a `StaticCache` of fixed length L (the
-prompt plus the new tokens, rounded up to `LENGTH_BUCKET`), the attention mask covers all L
+hundreds of kernels one by one (eager steps reached about 2.5 % of an H200's memory-bandwidth
+bound, bench/ensemble_decode.py). Here the N = K * B rows' keys and values live in a
+`StaticCache` of fixed length L (the prompt plus the new tokens, rounded up to `LENGTH_BUCKET`),
+the attention mask covers all L
 positions from the first step (positions not yet written are hidden by causality), and from one
 step to the next only the new token ids and their positions change. Every step is then the same
 computation on tensors at the same addresses, which `torch.compile(mode="reduce-overhead")`
@@ -124,8 +125,8 @@ _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def static_decoder(model, compiled: bool) -> StaticDecoder:
-    key = (compiled,)
+    """The model's static caches for compiled or eager steps, made on first use."""
     per_model = _decoders.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = StaticDecoder(model, compiled)
-    return per_model[key]
+    if compiled not in per_model:
+        per_model[compiled] = StaticDecoder(model, compiled)
+    return per_model[compiled]
