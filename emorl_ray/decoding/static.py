@@ -5,9 +5,9 @@ new allocations every step, and on a GPU a step of a small model is mostly Pytho
 hundreds of kernels one by one (eager steps reached about 2.5 % of an H200's memory-bandwidth
 bound, bench/ensemble_decode.py). Here the N = K * B rows' keys and values live in a
 `StaticCache` of fixed length L (the prompt plus the new tokens, rounded up to `LENGTH_BUCKET`),
-the attention mask covers all L
-positions from the first step (positions not yet written are hidden by causality), and from one
-step to the next only the new token ids and their positions change. Every step is then the same
+the attention mask covers all L positions from the first step (positions not yet written are
+hidden by causality), and from one step to the next only the new token ids and their positions
+change. Every step is then the same
 computation on tensors at the same addresses, which `torch.compile(mode="reduce-overhead")`
 captures once per (N, L) as a CUDA graph and replays.
 
