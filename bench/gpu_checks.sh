@@ -46,7 +46,7 @@ run_phase() {
       done ;;
     pipeline)  # the main job on one GPU: configs/gpu_one_node.yaml with the stand-ins, shortened
       stand_ins
-      /usr/bin/time -v $py jobs/train_all.py --config configs/gpu_one_node.yaml --output-dir "$work/runs" \
+      time $py jobs/train_all.py --config configs/gpu_one_node.yaml --output-dir "$work/runs" \
         --set model.id="$work/smollm2" --set objectives.reflection.scorer.model="$work/minilm" \
         --set objectives.empathy.scorer.model="$work/minilm" --set training.max_steps=20 \
         --set search.levels=2 ;;
