@@ -25,7 +25,7 @@ import torch
 
 from emorl_ray.decoding.prefill import Prefilled, positions
 from emorl_ray.decoding.sampling import choose_token, device_generator, token_logprobs_under
-from emorl_ray.decoding.static import check_static, static_decoder
+from emorl_ray.decoding.static import static_decoder
 
 _SKINNY_ROWS = 48  # up to this many rows, `linear` multiplies W @ x^T on a CPU
 
@@ -137,7 +137,9 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
     tokens, logprobs = [], []
     static = None  # a fixed-shape step (decoding.static), where the policy asks for one
     if not policy.is_seq2seq and getattr(policy, "decode_step", "eager") != "eager":
-        check_static(model, kw)
+        if kw:  # peft's mixed batches are set up by PeftModel.forward, which the static step bypasses
+            raise ValueError("model.decode_step 'static' and 'graph' need LoRA adapters on Linear layers (the "
+                             "stacked product); these adapters need peft's mixed batches: use 'eager'")
         if prefilled is None:
             prefilled = prefill(model, {"input_ids": enc["input_ids"].repeat(K, 1), "attention_mask": attn})
         static = static_decoder(model, compiled=policy.decode_step == "graph").start(prefilled, attn, max_new_tokens)

@@ -58,23 +58,16 @@ def decoder_of(model):
     return base.get_decoder()
 
 
-def check_static(model, forward_kwargs: dict) -> None:
-    """What the static step needs: a decoder-only model whose cache layers keep the whole prefix,
-    and adapters routed by the model's own modules (peft's `adapter_names` mixed batches are set up
-    by PeftModel.forward, which the step bypasses)."""
+def check_static(model) -> None:
+    """What the static step needs from a decoder-only model: cache layers that keep the whole
+    prefix (checked once per model, when its StaticDecoder is made)."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError("model.decode_step 'static' and 'graph' need a decoder-only model; use 'eager' for "
-                         "encoder-decoder models such as T5")
     layers = StaticCache(config=model.config, max_cache_len=LENGTH_BUCKET).layers
     if not layers or any(type(layer) is not StaticLayer for layer in layers):
         raise ValueError("model.decode_step 'static' and 'graph' need a model without sliding-window or "
                          "recurrent layers; use 'eager'")
-    if forward_kwargs:
-        raise ValueError("model.decode_step 'static' and 'graph' need LoRA adapters on Linear layers (the "
-                         "stacked product); these adapters need peft's mixed batches: use 'eager'")
 
 
 class StaticRun:
@@ -96,6 +89,7 @@ class StaticDecoder:
     cache at fixed addresses, so a cache is reset and reused rather than made anew."""
 
     def __init__(self, model, compiled: bool):
+        check_static(model)
         self.model, self.compiled = model, compiled
         self.caches: OrderedDict[tuple[int, int], object] = OrderedDict()
 
