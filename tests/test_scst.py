@@ -221,6 +221,53 @@ def test_response_logprobs_and_their_gradients_with_and_without_checkpointing(ti
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("k,T", [(2, 5), (3, 4), (2, 1)])
+def test_shared_prompt_pass_gives_the_full_pass_logits_and_gradients(tiny_causal, k, T):
+    """Each prompt passed once for its k responses (left-padded prompts of different lengths,
+    responses ended early): the logits and the LoRA gradients of the full pass, for both the
+    policy and the adapter-free base."""
+    from emorl_ray.training.scst import kl_to_base, response_logits
+
+    policy = _perturbed_lora_policy(tiny_causal, dropout=0.0)
+    model = policy.model.eval()
+    once = policy.encode(["I feel stuck at work and nobody listens to me", "My dog"])
+    enc = {key: v.repeat_interleave(k, dim=0) for key, v in once.items()}
+    ids = torch.randint(3, 50, (2 * k, T), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, T // 2 + 1:] = 0
+    mask[-1, 1:] = 0
+    out = []
+    for repeats in (1, k):
+        model.zero_grad()
+        logits = response_logits(policy, model, enc, ids, mask, repeats)
+        logp = logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+        kl = kl_to_base(policy, model, enc, ids, mask, logits, 0.8, repeats=repeats)
+        (logp.sum() + kl).backward()
+        out.append((logits.detach(), kl.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                   if p.requires_grad}))
+    (full, kl_full, g_full), (shared, kl_shared, g_shared) = out
+    assert shared.shape == full.shape == (2 * k, T, model.config.vocab_size)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl_shared, kl_full, atol=1e-6, rtol=1e-5)
+    assert g_full and any(g.abs().max() > 0 for g in g_full.values())
+    for n in g_full:
+        torch.testing.assert_close(g_shared[n], g_full[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_the_loss_shares_prompt_passes_only_where_exact(tiny_config):
+    import dataclasses
+
+    from emorl_ray.training.loop import build_trainable
+    from emorl_ray.training.scst import shares_prompt_pass
+
+    t = dataclasses.replace(tiny_config.training, k=2)
+    policy, _ = build_trainable(tiny_config, "cpu")
+    assert shares_prompt_pass(policy.model, t, faithful=False)
+    assert not shares_prompt_pass(policy.model, t, faithful=True)  # dropout masks per sample
+    assert not shares_prompt_pass(policy.model, dataclasses.replace(t, k=1), faithful=False)
+    assert not shares_prompt_pass(policy.model, dataclasses.replace(t, gradient_checkpointing=True), False)
+
+
 def _perturbed_lora_policy(tiny_causal, dropout: float):
     """A tiny policy whose LoRA adapter does something (B starts at 0) and has dropout."""
     policy = Policy(ModelConfig(id=tiny_causal, use_chat_template=False))
@@ -245,11 +292,12 @@ def test_loss_logprobs_are_the_samplers_own(tiny_causal, sampling):
     roll = sample(policy, model, ["I feel stuck at work", "My dog died"], k=3, max_new_tokens=8,
                   sampling=sampling, return_logprobs=True)
     assert model.training  # sample() restores the mode
-    with torch.no_grad(), scoring_mode(model, dropout=False):
-        logp = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask),
-                              roll.response_ids, roll.response_mask, sampling)
-    assert torch.isfinite(logp).all() and (logp <= 0).all()
-    torch.testing.assert_close(logp, roll.logprobs, atol=1e-4, rtol=1e-4)
+    for repeats in (1, 3):  # the full pass, and each prompt passed once for its 3 samples
+        with torch.no_grad(), scoring_mode(model, dropout=False):
+            logp = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask,
+                                                  repeats), roll.response_ids, roll.response_mask, sampling)
+        assert torch.isfinite(logp).all() and (logp <= 0).all()
+        torch.testing.assert_close(logp, roll.logprobs, atol=1e-4, rtol=1e-4)
     if sampling.top_k:  # truncation matters: the plain softmax gives other (lower) log-probs
         with torch.no_grad(), scoring_mode(model, dropout=False):
             plain = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask),

@@ -85,24 +85,55 @@ def authors_targets(policy: Policy, texts: list[str], device) -> tuple[torch.Ten
     return ids.to(device), enc["attention_mask"].to(device)
 
 
-def response_logits(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The logits that predict each response token, (N, T, V), by teacher forcing."""
+def response_logits(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor,
+                    repeats: int = 1) -> torch.Tensor:
+    """The logits that predict each response token, (N, T, V), by teacher forcing. `repeats`: the
+    rows are each prompt `repeats` times in a row (a k-SCST batch, `shares_prompt_pass`); the
+    prompt is then passed once and its responses continue from that pass (`_after_shared_prompt`)."""
     if policy.is_seq2seq:
         start = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                       decoder_input_ids=torch.cat([start, ids[:, :-1]], 1),
-                       decoder_attention_mask=torch.cat([torch.ones_like(start), mask[:, :-1]], 1)).logits
-    else:
-        full = torch.cat([enc["input_ids"], ids], 1)
-        attn = torch.cat([enc["attention_mask"], mask], 1)
-        # Positions from the mask, as `generate` does, so left padding scores like sampling did.
-        pos = positions(attn)
-        # Only the positions that predict response tokens go through the LM head: the prompt's
-        # full-vocabulary logits would be computed, kept for backward and thrown away.
-        T = ids.shape[1]
-        logits = model(input_ids=full, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
-        logits = logits[:, :-1]
-    return logits
+        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                     decoder_input_ids=torch.cat([start, ids[:, :-1]], 1),
+                     decoder_attention_mask=torch.cat([torch.ones_like(start), mask[:, :-1]], 1)).logits
+    if repeats > 1:
+        return _after_shared_prompt(model, enc, ids, mask, repeats)
+    full = torch.cat([enc["input_ids"], ids], 1)
+    attn = torch.cat([enc["attention_mask"], mask], 1)
+    # Positions from the mask, as `generate` does, so left padding scores like sampling did.
+    pos = positions(attn)
+    # Only the positions that predict response tokens go through the LM head: the prompt's
+    # full-vocabulary logits would be computed, kept for backward and thrown away.
+    T = ids.shape[1]
+    return model(input_ids=full, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :-1]
+
+
+def shares_prompt_pass(model, cfg: TrainingConfig, faithful: bool) -> bool:
+    """Whether the loss may pass each prompt once for its k responses. Not with dropout (each of the
+    authors' samples drew its own masks over the prompt), nor where the cache cannot carry the
+    pass: gradient checkpointing turns Hugging Face's cache off, sliding-window layers keep only
+    part of the prompt, and DDP expects one forward per backward."""
+    return (cfg.k > 1 and not faithful and not cfg.gradient_checkpointing and can_prefill_apart(model)
+            and not isinstance(model, torch.nn.parallel.DistributedDataParallel))
+
+
+def _after_shared_prompt(model, enc: dict, ids: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """`response_logits` for k responses per prompt: one pass over each prompt, with gradient, then
+    the k responses from its keys and values repeated k times. The same function of the weights
+    as the full pass (up to rounding), so the same gradient, at 1/k of the prompt's compute: in a
+    k-SCST batch the prompt is most of the tokens."""
+    prompt_ids, prompt_attn = enc["input_ids"][::k], enc["attention_mask"][::k]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=positions(prompt_attn),
+                use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].repeat_interleave(k, dim=0)  # predicts each response's first token
+    T = ids.shape[1]
+    if T == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)  # differentiable: the k copies' gradients add up in the pass
+    attn = torch.cat([enc["attention_mask"], mask[:, :-1]], 1)
+    rest = model(input_ids=ids[:, :-1], attention_mask=attn, position_ids=positions(attn)[:, -(T - 1):],
+                 past_key_values=cache, use_cache=True).logits
+    return torch.cat([first, rest], 1)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -186,17 +217,18 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
     r = sum(w * transform(torch.tensor(scores[o]), cfg.reward_transform) for o, w in reward_weights.items())
     adv = advantages(r, cfg.k, cfg.baseline).to(ids.device)
 
+    repeats = cfg.k if shares_prompt_pass(model, cfg, faithful) else 1
     # The backward pass stays inside: gradient checkpointing re-runs the forward in the current mode.
     with scoring_mode(model, dropout=faithful):
         with amp:
-            logits = response_logits(policy, model, enc, ids, mask)
+            logits = response_logits(policy, model, enc, ids, mask, repeats)
         # The authors scored the full softmax at temperature 1 whatever was sampled (docs/method.md §8.5).
         logp = token_logprobs(logits, ids, mask, None if faithful else s)
         loss = policy_loss(logp, mask, adv, cfg.loss_reduction)
         kl = float("nan")
         # The authors' KL term carried no gradient and was multiplied by zero-mean advantages: a no-op.
         if cfg.kl_coef > 0 and not faithful:
-            kl_t = kl_to_base(policy, gen_model, enc, ids, mask, logits, s.temperature, amp)
+            kl_t = kl_to_base(policy, gen_model, enc, ids, mask, logits, s.temperature, amp, repeats)
             loss = loss + cfg.kl_coef * kl_t
             kl = kl_t.item()
         del logits
@@ -222,13 +254,13 @@ def scst_step(policy: Policy, model, optimizer, prompts: list[str], rewards, rew
 
 
 def kl_to_base(policy: Policy, model, enc: dict, ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
-               temperature: float, amp=None) -> torch.Tensor:
+               temperature: float, amp=None, repeats: int = 1) -> torch.Tensor:
     """Per-token k3 KL from the policy to the adapter-free base, both at the sampling temperature
     and untruncated (top-k/top-p would leave the base -inf on tokens the policy sampled). Gradient
     through the policy's `logits` only; the base forward runs in the caller's mode (eval: no dropout)."""
     warm = SamplingConfig(temperature=temperature)
     with torch.no_grad(), _adapter_disabled(model), amp or contextlib.nullcontext():
-        ref = token_logprobs(response_logits(policy, model, enc, ids, mask), ids, mask, warm)
+        ref = token_logprobs(response_logits(policy, model, enc, ids, mask, repeats), ids, mask, warm)
     return kl_penalty(token_logprobs(logits, ids, mask, warm), ref, mask)
 
 
