@@ -266,6 +266,8 @@ def test_the_loss_shares_prompt_passes_only_where_exact(tiny_config):
     assert not shares_prompt_pass(policy.model, t, faithful=True)  # dropout masks per sample
     assert not shares_prompt_pass(policy.model, dataclasses.replace(t, k=1), faithful=False)
     assert not shares_prompt_pass(policy.model, dataclasses.replace(t, gradient_checkpointing=True), False)
+    ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    assert not shares_prompt_pass(ddp, t, faithful=False)  # a wrapper: asked before its model is read
 
 
 def _perturbed_lora_policy(tiny_causal, dropout: float):
@@ -308,6 +310,64 @@ def test_loss_logprobs_are_the_samplers_own(tiny_causal, sampling):
         noisy = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask),
                                roll.response_ids, roll.response_mask, sampling)
     assert not torch.allclose(noisy, roll.logprobs, atol=1e-3)
+
+
+def test_rollouts_decode_the_adapter_as_it_trains(tiny_causal):
+    """Rollouts and validation decode through the stacked LoRA product (`adapter_routing`), kept
+    per model and refreshed before every decode: after the weights change, the sampler's log-probs
+    are still the loss's, and greedy decoding gives peft's own tokens."""
+    from emorl_ray.decoding.engine import generate_texts
+    from emorl_ray.ensemble.stacked_lora import StackedLoRA
+    from emorl_ray.training.scst import adapter_routing, response_logits, scoring_mode, token_logprobs
+
+    policy = _perturbed_lora_policy(tiny_causal, dropout=0.1)
+    model = policy.model
+    stack = adapter_routing(model)
+    assert isinstance(stack, StackedLoRA) and adapter_routing(model) is stack  # one per model
+    assert not isinstance(adapter_routing(model, dropout=True), StackedLoRA)  # the authors' sampling
+    prompts = ["I feel stuck at work", "My dog died"]
+    for update in range(2):
+        if update:  # an optimizer step, as far as the decode can tell
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_" in n:
+                        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.3)
+        torch.manual_seed(3)
+        roll = sample(policy, model, prompts, k=2, max_new_tokens=8, sampling=SamplingConfig(), return_logprobs=True)
+        with torch.no_grad(), scoring_mode(model, dropout=False):
+            logp = token_logprobs(response_logits(policy, model, roll.enc, roll.response_ids, roll.response_mask),
+                                  roll.response_ids, roll.response_mask, SamplingConfig())
+        torch.testing.assert_close(logp, roll.logprobs, atol=1e-4, rtol=1e-4)
+        with adapter_routing(model):
+            stacked = generate_texts(policy, model, prompts, 8)
+        assert stacked == generate_texts(policy, model, prompts, 8)  # peft's forward
+
+
+def test_graph_rollouts_follow_the_adapter_without_recompiling(tiny_causal):
+    """Rollouts with `model.decode_step: graph` (the GPU config): the eager tokens and log-probs,
+    and after a weight update the same compiled step reads the refreshed stacks."""
+    import copy
+    import dataclasses
+
+    policy = _perturbed_lora_policy(tiny_causal, dropout=0.0)
+    graph = copy.copy(policy)
+    graph.cfg = dataclasses.replace(policy.cfg, decode_step="graph")
+    frames = []
+    for update in range(2):
+        if update:
+            with torch.no_grad():
+                for n, p in policy.model.named_parameters():
+                    if "lora_B" in n:
+                        p.mul_(-1.5)
+        rolls = []
+        for who in (policy, graph):
+            torch.manual_seed(5)
+            rolls.append(sample(who, policy.model, ["I feel stuck at work", "My dog died"], k=2, max_new_tokens=6,
+                                sampling=SamplingConfig(temperature=0.9), return_logprobs=True))
+        frames.append(torch._dynamo.utils.counters["frames"]["ok"])
+        assert torch.equal(rolls[0].response_ids, rolls[1].response_ids)
+        torch.testing.assert_close(rolls[0].logprobs, rolls[1].logprobs, atol=1e-5, rtol=1e-5)
+    assert frames[0] > 0 and frames[1] == frames[0]  # compiled once, replayed after the update
 
 
 def test_kl_gradient_is_nonzero_and_matches_finite_differences(tiny_causal):

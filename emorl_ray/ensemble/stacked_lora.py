@@ -27,12 +27,25 @@ class StackedLoRA:
 
     def __init__(self, model, names: list[str]):
         self.model, self.names = model, names
-        # The adapters' weights never change after loading: the ensemble keeps one per adapter set,
-        # and its layer forwards are made once, so a compiled decode step (decoding.static) sees
-        # the same functions on every decode.
-        self.forwards = [(m, self._forward(m, *self._stacks(m))) for m in model.modules()
-                         if hasattr(m, "lora_A") and hasattr(m, "base_layer")
-                         and isinstance(m.base_layer, torch.nn.Linear) and any(n in m.lora_A for n in names)]
+        # Each layer's forward is made once, over stacks kept at fixed addresses: a compiled decode
+        # step (decoding.static) then sees the same functions and tensors on every decode, and
+        # `refresh` can bring a training run's changing adapter in without a recompilation.
+        self.layers = [(m, *self._stacks(m)) for m in model.modules()
+                       if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+                       and isinstance(m.base_layer, torch.nn.Linear) and any(n in m.lora_A for n in names)]
+        for _, A, B in self.layers:
+            torch._dynamo.mark_static_address(A)  # a CUDA graph reads them in place, no copy per replay
+            torch._dynamo.mark_static_address(B)
+        self.forwards = [(m, self._forward(m, A, B)) for m, A, B in self.layers]
+
+    @torch.no_grad()
+    def refresh(self) -> StackedLoRA:
+        """Copy the adapters' current weights into the stacks, in place."""
+        for m, A, B in self.layers:
+            new_A, new_B = self._stacks(m)
+            A.copy_(new_A)
+            B.copy_(new_B)
+        return self
 
     @staticmethod
     def supported(model, names: list[str]) -> bool:
@@ -46,6 +59,7 @@ class StackedLoRA:
                 return False
         return True
 
+    @torch.no_grad()
     def _stacks(self, m):
         base = m.base_layer.weight
         r = max(m.lora_A[n].weight.shape[0] for n in self.names if n in m.lora_A)

@@ -156,10 +156,11 @@ class SCSTRecipe:
         import ray
 
         from emorl_ray.decoding.engine import generate_texts
-        from emorl_ray.training.scst import converged
+        from emorl_ray.training.scst import adapter_routing, converged
 
         s, conv = self.state, self.t.convergence
-        texts = generate_texts(self.policy, self.model, self.val_prompts, self.t.max_new_tokens)
+        with adapter_routing(self.model):
+            texts = generate_texts(self.policy, self.model, self.val_prompts, self.t.max_new_tokens)
         val = self.rewards.score_all(self.val_prompts, texts, self.objectives)
         means = {o: sum(v) / len(v) for o, v in val.items()}
         value = sum(means.values()) / len(means)

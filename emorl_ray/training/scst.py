@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from emorl_ray.config import SamplingConfig, TrainingConfig
 from emorl_ray.decoding.engine import Sampling, decode, eval_mode, prefill
 from emorl_ray.decoding.prefill import can_prefill_apart, positions
 from emorl_ray.decoding.sampling import warp_logits
+from emorl_ray.ensemble.stacked_lora import StackedLoRA
 from emorl_ray.models import Policy
 
 SCORE_FLOOR, SCORE_CEIL = 1e-4, 0.9999
@@ -46,6 +48,28 @@ class Rollout:
     logprobs: torch.Tensor | None = None  # (B*k, T) the sampler's own log-probs, if asked for
 
 
+_stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adapter_routing(model, dropout: bool = False):
+    """The context of the policy's decodes (rollouts, validation): its LoRA adapter as one stacked
+    product per layer (`ensemble.stacked_lora`, the ensemble's with K = 1), brought up to the
+    adapter's current weights. The same function as peft's forward up to rounding, with a fraction
+    of its per-layer Python and, on a CPU, the weight-first product of a decode step's few rows
+    (`decoding.engine.linear`). peft's forward where the stack does not apply: dropout on (the
+    authors' sampling), no adapter, several active, or kinds the stack does not cover (DoRA, ...)."""
+    from peft import PeftModel
+
+    names = list(model.active_adapters) if isinstance(model, PeftModel) else []
+    if dropout or len(names) != 1 or not StackedLoRA.supported(model, names):
+        return contextlib.nullcontext()
+    stack = _stacks.get(model)
+    if stack is None or stack.names != names:
+        stack = _stacks[model] = StackedLoRA(model, names)
+        return stack
+    return stack.refresh()
+
+
 @torch.no_grad()
 def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: int, sampling: SamplingConfig,
            dropout: bool = False, return_logprobs: bool = False) -> Rollout:
@@ -56,7 +80,7 @@ def sample(policy: Policy, model, prompts: list[str], k: int, max_new_tokens: in
     once = policy.encode(prompts)
     enc = {key: v.repeat_interleave(k, dim=0) for key, v in once.items()}
     how = Sampling(sampling.temperature, sampling.top_k, sampling.top_p)
-    with eval_mode(model, dropout):
+    with eval_mode(model, dropout), adapter_routing(model, dropout):
         # ... and passed once: its k samples start from the same prefill (with dropout on, each
         # sample draws its own masks over the prompt too, as the authors' did).
         pre = None if dropout or not can_prefill_apart(model) else prefill(model, once).repeat_interleave(k)
@@ -112,8 +136,8 @@ def shares_prompt_pass(model, cfg: TrainingConfig, faithful: bool) -> bool:
     authors' samples drew its own masks over the prompt), nor where the cache cannot carry the
     pass: gradient checkpointing turns Hugging Face's cache off, sliding-window layers keep only
     part of the prompt, and DDP expects one forward per backward."""
-    return (cfg.k > 1 and not faithful and not cfg.gradient_checkpointing and can_prefill_apart(model)
-            and not isinstance(model, torch.nn.parallel.DistributedDataParallel))
+    return (cfg.k > 1 and not faithful and not cfg.gradient_checkpointing
+            and not isinstance(model, torch.nn.parallel.DistributedDataParallel) and can_prefill_apart(model))
 
 
 def _after_shared_prompt(model, enc: dict, ids: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
