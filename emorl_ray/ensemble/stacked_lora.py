@@ -38,13 +38,10 @@ class StackedLoRA:
             torch._dynamo.mark_static_address(B)
         self.forwards = [(m, self._forward(m, A, B)) for m, A, B in self.layers]
 
-    @torch.no_grad()
     def refresh(self) -> StackedLoRA:
         """Copy the adapters' current weights into the stacks, in place."""
         for m, A, B in self.layers:
-            new_A, new_B = self._stacks(m)
-            A.copy_(new_A)
-            B.copy_(new_B)
+            self._fill(m, A, B)
         return self
 
     @staticmethod
@@ -59,12 +56,17 @@ class StackedLoRA:
                 return False
         return True
 
-    @torch.no_grad()
     def _stacks(self, m):
+        """Layer m's (K, in, r) and (K, r, out) stacks, zero-padded to the largest rank."""
         base = m.base_layer.weight
         r = max(m.lora_A[n].weight.shape[0] for n in self.names if n in m.lora_A)
         A = base.new_zeros(len(self.names), base.shape[1], r)
         B = base.new_zeros(len(self.names), r, base.shape[0])
+        return self._fill(m, A, B)
+
+    @torch.no_grad()
+    def _fill(self, m, A: torch.Tensor, B: torch.Tensor):
+        """Write layer m's adapters into their slices of A and B (the padding stays zero)."""
         for k, n in enumerate(self.names):
             if n in m.lora_A:
                 a, b = m.lora_A[n].weight, m.lora_B[n].weight
