@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from emorl_ray.config import LoraConfig, ModelConfig
+from emorl_ray.decoding.static import compile_counts
 from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 from emorl_ray.ensemble.reference import ReferenceEnsemble
 from emorl_ray.models import DTYPES, Policy, lora_config
@@ -221,6 +222,7 @@ def main() -> int:
                 continue
             # Warm-up: first-call allocations, lazy initialisation and, for static caches, the
             # compilation of this shape (the cache length depends on the new tokens).
+            before = compile_counts()
             fn(prompts, 4 if name == "reference" else N)
             repeats = args.repeats if name != "reference" else 1
             times = [timed(lambda fn=fn, prompts=prompts: fn(prompts), args.device) for _ in range(repeats)]
@@ -228,6 +230,10 @@ def main() -> int:
             steps = times[0][1]
             row[f"{name}_tok_s"] = round(b * steps / secs, 1)
             row[f"{name}_s"] = round(secs, 4)
+            if name in ("compiled_single", "ensemble"):
+                # on a GPU, graph breaks or skipped captures mean steps replayed kernel by kernel
+                after = compile_counts()
+                row[f"{name}_compile"] = {k: after[k] - before[k] for k in after}
         row["ratio_vs_single"] = round(row["ensemble_tok_s"] / row["single_tok_s"], 3)
         if args.compiled_single:
             row["ratio_vs_compiled_single"] = round(row["ensemble_tok_s"] / row["compiled_single_tok_s"], 3)
@@ -267,6 +273,13 @@ def main() -> int:
               f"| {r.get('reference_tok_s', '-')} | {r['ratio_vs_single']} | {r.get('ratio_vs_compiled_single', '-')} "
               f"| {r.get('speedup_vs_reference', '-')} | {r.get('single_vs_reference', '-')} | {pct(r, 'single')} "
               f"| {pct(r, 'compiled_single')} | {pct(r, 'ensemble')} |")
+    if args.device.startswith("cuda"):
+        for r in rows:
+            for name in ("compiled_single", "ensemble"):
+                c = r.get(f"{name}_compile", {})
+                if c.get("graph_breaks") or c.get("cudagraph_skips"):
+                    print(f"note: batch {r['batch']} {name}: {c['graph_breaks']} graph breaks, {c['cudagraph_skips']} "
+                          "compiled graphs not captured as CUDA graphs (torch's log says why)")
     last = rows[-1]
     print(json.dumps({"batch": last["batch"], "speedup_vs_reference": last.get("speedup_vs_reference"),
                       "ratio_vs_single": last["ratio_vs_single"],

@@ -34,6 +34,7 @@ import torch
 
 from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
 from emorl_ray.data import read_demo
+from emorl_ray.decoding.static import compile_counts
 from emorl_ray.models import Policy, lora_config, resolve
 from emorl_ray.rewards import LocalRewards
 from emorl_ray.testing import (
@@ -74,6 +75,7 @@ def ours(path: str, prompts: list[str], args) -> dict:
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr)
     rewards = LocalRewards({"overlap": word_overlap})
     times, lengths = [], []
+    before = compile_counts()
     for step in range(args.warmup + args.steps):
         batch = [prompts[(step * args.batch + i) % len(prompts)] for i in range(args.batch)]
         t0 = time.perf_counter()
@@ -82,7 +84,9 @@ def ours(path: str, prompts: list[str], args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             lengths.append(stats["response_tokens"])
-    return summarize(times, lengths, args)
+    after = compile_counts()
+    # rollouts with --decode-step graph: on a GPU, breaks or skipped captures mean eager kernel launches
+    return {**summarize(times, lengths, args), "compile": {k: after[k] - before[k] for k in after}}
 
 
 def trl(path: str, prompts: list[str], args, tmp: str) -> dict:

@@ -27,8 +27,10 @@ def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggre
 
     from test_ensemble import _random_adapters
 
+    from emorl_ray.decoding.static import compile_counts, static_decoder
     from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 
+    before = compile_counts()
     mc, adapters = _random_adapters(tiny_causal, tmp_path)
     ens = AdapterEnsemble(Policy(dataclasses.replace(mc, decode_step=decode_step), "cuda"), adapters,
                           prefill_cache_mb=prefill_cache_mb)
@@ -42,6 +44,11 @@ def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggre
     rows = [w, [1, 0, 0], [0, 1, 1], w]
     assert ens.generate(PROMPTS, rows, 8, aggregation=aggregation) == \
         [ens.generate([p], r, 8, aggregation=aggregation)[0] for p, r in zip(PROMPTS, rows)]
+    after = compile_counts()
+    assert bool(static_decoder(ens.model, compiled=True).caches) == (decode_step == "graph")
+    # every compiled step captured as a CUDA graph, in one piece (torch only logs a skipped capture)
+    assert after["cudagraph_skips"] == before["cudagraph_skips"]
+    assert after["graph_breaks"] == before["graph_breaks"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -352,7 +352,9 @@ def test_graph_rollouts_follow_the_adapter_without_recompiling(tiny_causal):
     policy = _perturbed_lora_policy(tiny_causal, dropout=0.0)
     graph = copy.copy(policy)
     graph.cfg = dataclasses.replace(policy.cfg, decode_step="graph")
-    frames = []
+    from emorl_ray.decoding.static import compile_counts, static_decoder
+
+    counts = [compile_counts()]
     for update in range(2):
         if update:
             with torch.no_grad():
@@ -364,10 +366,12 @@ def test_graph_rollouts_follow_the_adapter_without_recompiling(tiny_causal):
             torch.manual_seed(5)
             rolls.append(sample(who, policy.model, ["I feel stuck at work", "My dog died"], k=2, max_new_tokens=6,
                                 sampling=SamplingConfig(temperature=0.9), return_logprobs=True))
-        frames.append(torch._dynamo.utils.counters["frames"]["ok"])
+        counts.append(compile_counts())
         assert torch.equal(rolls[0].response_ids, rolls[1].response_ids)
         torch.testing.assert_close(rolls[0].logprobs, rolls[1].logprobs, atol=1e-5, rtol=1e-5)
-    assert frames[0] > 0 and frames[1] == frames[0]  # compiled once, replayed after the update
+    # the compiled step (in one piece), replayed after the update without compiling again
+    assert static_decoder(policy.model, compiled=True).caches
+    assert counts[1]["graph_breaks"] == counts[0]["graph_breaks"] and counts[2] == counts[1]
 
 
 def test_kl_gradient_is_nonzero_and_matches_finite_differences(tiny_causal):

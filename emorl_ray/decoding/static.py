@@ -52,6 +52,17 @@ def compiled_forward():
     return _compiled_forward
 
 
+def compile_counts() -> dict[str, int]:
+    """Dynamo's and Inductor's running counts, to compare before and after a decode: graphs
+    compiled, graph breaks (each splits a step into pieces replayed separately, with Python in
+    between) and compiled graphs not captured as CUDA graphs (on a GPU these replay kernel by
+    kernel, and torch only logs why; on a CPU every compiled graph counts, there being none to capture)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
 def decoder_of(model):
     """The transformer stack under the LM head, through a peft wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
