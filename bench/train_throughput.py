@@ -194,6 +194,10 @@ def main(argv=None) -> int:
         print(f"{k:<28} {r['median_step_s']:>14.3f} {r['samples_per_s']:>10.2f} "
               f"{r['mean_completion_tokens'] or float('nan'):>18.1f}")
     print(f"ours / TRL samples/s: {out['ratio_ours_over_trl']:.2f}")
+    c = a["compile"]
+    if args.device.startswith("cuda") and (c["graph_breaks"] or c["cudagraph_skips"]):
+        print(f"note: ours' rollouts: {c['graph_breaks']} graph breaks, {c['cudagraph_skips']} compiled graphs not "
+              "captured as CUDA graphs (torch's log says why)")
     return 0
 
 
