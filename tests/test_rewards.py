@@ -159,6 +159,23 @@ def test_hf_classifier_outputs_and_strict_loading(tmp_path):
         build_scorer(ScorerConfig(type="cross_encoder", model=headless), ModelConfig())
 
 
+def test_cross_encoder_head_is_drawn_from_its_seed(tmp_path):
+    """The fresh head of a scorer to be trained depends on its seed only, not on what ran before,
+    and drawing it leaves the caller's random state alone."""
+    import torch
+
+    from emorl_ray.rewards.train_reflection import CrossEncoder
+
+    bare = _tiny_classifier(tmp_path / "bare", head=False)
+    heads = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 3)):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        heads.append(CrossEncoder(bare, seed=seed).model.classifier.weight.detach().clone())
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
 def test_ranking_metrics_by_hand():
     import torch
 

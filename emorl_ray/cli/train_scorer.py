@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--margin", type=float, default=0.1, help="ranking margin per level of difference")
     p.add_argument("--limit-prompts", type=int, help="train on at most this many prompts (quick runs)")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the fresh head's initialisation and the training order")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

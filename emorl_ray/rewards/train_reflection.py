@@ -54,11 +54,16 @@ def margin_ranking_loss(scores: torch.Tensor, levels: torch.Tensor, margin: floa
 
 
 class CrossEncoder:
-    def __init__(self, model_ref: str, device: str = "cpu", max_length: int = 256):
+    def __init__(self, model_ref: str, device: str = "cpu", max_length: int = 256, seed: int = 0):
         path = resolve(model_ref)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        # A sentence encoder has no classification head: a fresh one (pooler + linear) is expected here.
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=False)
+        # A sentence encoder has no classification head: a fresh one (pooler + linear) is expected
+        # here, drawn from `seed` (the caller's random state would make the trained scorer depend on
+        # whatever ran before) without touching the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                            trust_remote_code=False)
         self.model.to(device)
         self.device, self.max_length = device, max_length
 
@@ -215,7 +220,7 @@ def train_pair_scorer(pair_path: str, out: str, annomi_path: str | None = None, 
     if limit_prompts:
         keep = set(list(dict.fromkeys(r["prompt"] for r in rows["train"]))[:limit_prompts])
         rows["train"] = [r for r in rows["train"] if r["prompt"] in keep]
-    encoder = CrossEncoder(encoder_ref, device=device)
+    encoder = CrossEncoder(encoder_ref, device=device, seed=seed)
     t0 = time.time()
     history = train(encoder, rows["train"], rows["val"], epochs, lr, margin, seed=seed)
     metrics = {"encoder": encoder_ref, "epochs": epochs, "lr": lr, "margin": margin,
