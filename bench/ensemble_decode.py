@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from emorl_ray.config import LoraConfig, ModelConfig
-from emorl_ray.decoding.static import compile_counts
+from emorl_ray.decoding.static import compile_counts, uncaptured
 from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 from emorl_ray.ensemble.reference import ReferenceEnsemble
 from emorl_ray.models import DTYPES, Policy, lora_config
@@ -232,8 +232,7 @@ def main() -> int:
             row[f"{name}_s"] = round(secs, 4)
             if name in ("compiled_single", "ensemble"):
                 # on a GPU, graph breaks or skipped captures mean steps replayed kernel by kernel
-                after = compile_counts()
-                row[f"{name}_compile"] = {k: after[k] - before[k] for k in after}
+                row[f"{name}_compile"] = compile_counts(since=before)
         row["ratio_vs_single"] = round(row["ensemble_tok_s"] / row["single_tok_s"], 3)
         if args.compiled_single:
             row["ratio_vs_compiled_single"] = round(row["ensemble_tok_s"] / row["compiled_single_tok_s"], 3)
@@ -276,10 +275,9 @@ def main() -> int:
     if args.device.startswith("cuda"):
         for r in rows:
             for name in ("compiled_single", "ensemble"):
-                c = r.get(f"{name}_compile", {})
-                if c.get("graph_breaks") or c.get("cudagraph_skips"):
-                    print(f"note: batch {r['batch']} {name}: {c['graph_breaks']} graph breaks, {c['cudagraph_skips']} "
-                          "compiled graphs not captured as CUDA graphs (torch's log says why)")
+                problem = f"{name}_compile" in r and uncaptured(r[f"{name}_compile"])
+                if problem:
+                    print(f"note: batch {r['batch']} {name}: {problem}")
     last = rows[-1]
     print(json.dumps({"batch": last["batch"], "speedup_vs_reference": last.get("speedup_vs_reference"),
                       "ratio_vs_single": last["ratio_vs_single"],

@@ -34,7 +34,7 @@ import torch
 
 from emorl_ray.config import LoraConfig, ModelConfig, TrainingConfig
 from emorl_ray.data import read_demo
-from emorl_ray.decoding.static import compile_counts
+from emorl_ray.decoding.static import compile_counts, uncaptured
 from emorl_ray.models import Policy, lora_config, resolve
 from emorl_ray.rewards import LocalRewards
 from emorl_ray.testing import (
@@ -84,9 +84,8 @@ def ours(path: str, prompts: list[str], args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             lengths.append(stats["response_tokens"])
-    after = compile_counts()
     # rollouts with --decode-step graph: on a GPU, breaks or skipped captures mean eager kernel launches
-    return {**summarize(times, lengths, args), "compile": {k: after[k] - before[k] for k in after}}
+    return {**summarize(times, lengths, args), "compile": compile_counts(since=before)}
 
 
 def trl(path: str, prompts: list[str], args, tmp: str) -> dict:
@@ -194,10 +193,9 @@ def main(argv=None) -> int:
         print(f"{k:<28} {r['median_step_s']:>14.3f} {r['samples_per_s']:>10.2f} "
               f"{r['mean_completion_tokens'] or float('nan'):>18.1f}")
     print(f"ours / TRL samples/s: {out['ratio_ours_over_trl']:.2f}")
-    c = a["compile"]
-    if args.device.startswith("cuda") and (c["graph_breaks"] or c["cudagraph_skips"]):
-        print(f"note: ours' rollouts: {c['graph_breaks']} graph breaks, {c['cudagraph_skips']} compiled graphs not "
-              "captured as CUDA graphs (torch's log says why)")
+    problem = uncaptured(a["compile"])
+    if args.device.startswith("cuda") and problem:
+        print(f"note: ours' rollouts: {problem}")
     return 0
 
 

@@ -52,15 +52,25 @@ def compiled_forward():
     return _compiled_forward
 
 
-def compile_counts() -> dict[str, int]:
-    """Dynamo's and Inductor's running counts, to compare before and after a decode: graphs
-    compiled, graph breaks (each splits a step into pieces replayed separately, with Python in
-    between) and compiled graphs not captured as CUDA graphs (on a GPU these replay kernel by
-    kernel, and torch only logs why; on a CPU every compiled graph counts, there being none to capture)."""
+def compile_counts(since: dict[str, int] | None = None) -> dict[str, int]:
+    """Dynamo's and Inductor's running counts (minus the counts `since`, to see what a decode
+    did): graphs compiled, graph breaks (each splits a step into pieces replayed separately, with
+    Python in between) and compiled graphs not captured as CUDA graphs (on a GPU these replay
+    kernel by kernel, and torch only logs why; on a CPU every compiled graph counts, there being
+    none to capture)."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    now = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+           "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+
+
+def uncaptured(counts: dict[str, int]) -> str | None:
+    """What in `compile_counts` keeps a GPU's steps from replaying as whole CUDA graphs, if anything."""
+    if not (counts["graph_breaks"] or counts["cudagraph_skips"]):
+        return None
+    return (f"{counts['graph_breaks']} graph breaks, {counts['cudagraph_skips']} compiled graphs not captured as "
+            "CUDA graphs (torch's log says why)")
 
 
 def decoder_of(model):

@@ -58,8 +58,8 @@ class CrossEncoder:
         path = resolve(model_ref)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         # A sentence encoder has no classification head: a fresh one (pooler + linear) is expected
-        # here, drawn from `seed` (the caller's random state would make the trained scorer depend on
-        # whatever ran before) without touching the caller's random state.
+        # here. It is drawn from `seed`, in a forked random state: from the caller's, the trained
+        # scorer would depend on whatever ran before.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
