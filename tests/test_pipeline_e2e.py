@@ -37,6 +37,9 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     raw["search"]["router"] = True  # the per-prompt router as a stage, and its row in the tables
     tiny_config = parse_config(raw)
     summary = run_pipeline(tiny_config)
+    from ray import serve
+
+    assert serve.status().applications == {}  # the job's apps are gone; the cluster stays up
     run_dir = Path(tiny_config.run_dir.location)
     assert summary["run_dir"] == str(run_dir)
 

@@ -30,6 +30,14 @@ def ray_with_scorers(tiny_causal, tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def clean_overlap(ray_with_scorers, tmp_path_factory):
+    """The fixture experiment's undisturbed "overlap" run: what a disturbed one must end like."""
+    from emorl_ray.training.launch import TrainJob, fit
+
+    return fit(ray_with_scorers, RunDir.at(tmp_path_factory.mktemp("clean")), TrainJob("overlap", {"overlap": 1.0}, 0))
+
+
 def _train_worker_pids() -> list[int]:
     """Processes of Ray Train workers on this host (Ray titles them `ray::RayTrainWorker...`)."""
     pids = []
@@ -84,14 +92,14 @@ def test_sigkilled_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_p
     assert [r["reward"] for r in a if r["kind"] == "train"] == [r["reward"] for r in b if r["kind"] == "train"]
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers, clean_overlap, tmp_path):
     """The worker fails after step 4 and leaves the step-4 checkpoint truncated: the restart detects it
     by its checksums, resumes from step 2, and ends exactly like an uninterrupted run."""
     from emorl_ray.training.launch import TrainJob, fit
 
     cfg = ray_with_scorers
     job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
-    clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
+    clean = clean_overlap
     marker = tmp_path / "failed-once"
     storage = tmp_path / "failed" / "ray" / f"train-{job.run_name}"
     failed = fit(cfg, RunDir.at(tmp_path / "failed"), job,
@@ -106,7 +114,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(ray_with_scorers
     assert len([p for p in storage.glob("checkpoint_*") if p.is_dir()]) == cfg.training.keep_checkpoints
 
 
-def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_path):
+def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, clean_overlap, tmp_path):
     """At step 2 the trainer kills its scorer's replica: Serve starts a new one, the trainer's
     calls are retried, and the run ends exactly like an undisturbed one."""
     from emorl_ray.rewards.serve import app_name, serve_replicas
@@ -114,7 +122,7 @@ def test_scorer_replica_killed_mid_training_is_replaced(ray_with_scorers, tmp_pa
 
     cfg = ray_with_scorers
     job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
-    clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
+    clean = clean_overlap
     before = serve_replicas(app_name("overlap"))
     marker = tmp_path / "killed-once"
     killed = fit(cfg, RunDir.at(tmp_path / "killed"), job,
@@ -159,12 +167,17 @@ def test_a_call_interrupted_by_a_lost_replica_is_retried_and_counted(ray_with_sc
     assert result["s"] == {"slow": [1.0, 0.0, 1.0, 1.0]}
 
 
-def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, tmp_path):
+def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, clean_overlap, tmp_path):
     from emorl_ray.training.launch import single_objective_jobs, train_runs
 
     cfg = ray_with_scorers
     manifests = train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))
     assert {m.name for m in manifests} == {"overlap", "brevity"}
+    # Trained beside another run, a run ends as it does alone.
+    (overlap,) = [m for m in manifests if m.name == "overlap"]
+    alone = pq.read_table(clean_overlap.metrics_path).to_pylist()
+    beside = pq.read_table(overlap.metrics_path).to_pylist()
+    assert [r["reward"] for r in beside if r["kind"] == "train"] == [r["reward"] for r in alone if r["kind"] == "train"]
     runs = json.loads((tmp_path / "training" / "manifest.json").read_text())["runs"]
     assert runs == [m.to_dict() for m in manifests]
     again = train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg))  # finished runs are not redone
@@ -231,13 +244,14 @@ def test_uniform_and_dynaopt_baselines_train_as_full_fine_tunes(ray_with_scorers
     dyn = [r for r in pq.read_table(runs["dynaopt"].metrics_path).to_pylist() if r["kind"] == "train"]
     assert all(abs(r["weight/overlap"] + r["weight/brevity"] - 1) < 1e-9 for r in dyn)
 
-    # The evaluator loads a fully fine-tuned baseline on demand and decodes it like the others.
+    # The evaluator loads a fully fine-tuned baseline on demand and decodes it like the others
+    # (the ensemble's adapters need not be trained for that).
     from ray import serve
+    from test_ensemble import _random_adapters
 
     from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
-    from emorl_ray.training.launch import ensemble_adapters, single_objective_jobs
 
-    adapters = ensemble_adapters(cfg, train_runs(cfg, RunDir.at(tmp_path), single_objective_jobs(cfg)))
+    _, adapters = _random_adapters(cfg.model.id, tmp_path / "adapters", names=("overlap", "brevity"))
     deploy_evaluator(cfg, adapters)
     try:
         handle = serve.get_app_handle(APP_NAME)
