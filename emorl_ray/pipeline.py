@@ -80,8 +80,7 @@ def ray_session(apps: list[str]):
 
 def delete_apps(names: list[str], timeout_s: float = 60.0) -> None:
     """Remove Serve applications from a cluster that stays up, all at once: `serve.delete` waits
-    for each app's replicas to drain before the next is asked (about 3 s an app; 9 s for a job's
-    evaluator and two scorers, 2.3 s together)."""
+    for each app's replicas to drain (seconds) before the next one is asked."""
     from ray import serve
 
     try:
