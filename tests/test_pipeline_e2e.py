@@ -15,6 +15,7 @@ pytestmark = pytest.mark.e2e
 
 def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, request):
     import ray
+    from ray import serve
 
     from emorl_ray.config import parse_config
     from emorl_ray.pipeline import run_pipeline
@@ -37,8 +38,6 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     raw["search"]["router"] = True  # the per-prompt router as a stage, and its row in the tables
     tiny_config = parse_config(raw)
     summary = run_pipeline(tiny_config)
-    from ray import serve
-
     assert serve.status().applications == {}  # the job's apps are gone; the cluster stays up
     run_dir = Path(tiny_config.run_dir.location)
     assert summary["run_dir"] == str(run_dir)
