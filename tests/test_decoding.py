@@ -64,3 +64,45 @@ def test_random_stand_in_has_the_shape_and_the_tokenizer(tiny_causal, tmp_path):
     assert torch.equal(ids["static"], ids["eager"]) and ids["eager"].unique().numel() > 3
     with pytest.raises(ValueError, match="shape must be one of"):
         build_random_model(tmp_path / "x", "gpt-5", tiny_causal)
+
+
+
+# prompts and a token they both reach early on the seeded tiny model (greedy, or sampled with seed 3)
+ENDING = {"greedy": ([PROMPTS[1], PROMPTS[4]], 213), "sampled": ([PROMPTS[0], PROMPTS[2]], 25)}
+
+
+class EndingAt(Policy):
+    """A policy whose EOS is a token of our choosing (to end rows early on a random model)."""
+
+    def __init__(self, model_config: ModelConfig, eos: int, device: str = "cpu"):
+        super().__init__(model_config, device)
+        self.eos = eos
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos
+
+
+@pytest.mark.parametrize("how", ["greedy", "sampled"])
+def test_a_trailing_stop_check_changes_no_token(how, tiny_causal, monkeypatch):
+    """On a GPU the stop check reads the previous step's flag (`StopCheck`, lag 1), so that the host
+    never waits for the device mid-decode, and the decode runs one step past the longest row.
+    Forced onto the CPU here, on two rows that end at different steps before the last: the same
+    tokens, masks, ends and log-probs as the check read at once."""
+    from emorl_ray.decoding import engine
+
+    prompts, eos = ENDING[how]
+    policy = EndingAt(ModelConfig(id=tiny_causal, use_chat_template=False), eos)
+    model = policy.model.eval()
+
+    def run():
+        sampling = None if how == "greedy" else Sampling(0.9, 20, 1.0, torch.Generator().manual_seed(3))
+        return decode(policy, model, prompts, 16, sampling=sampling, return_logprobs=True)
+
+    at_once = run()
+    monkeypatch.setitem(engine.STOP_CHECK_LAG, "cpu", 1)
+    trailing = run()
+    lengths = at_once.mask.sum(1).tolist()
+    assert at_once.ended.all() and len(set(lengths)) == 2 and at_once.ids.shape[1] == max(lengths) < 16
+    for field in ("ids", "mask", "ended", "logprobs"):
+        assert torch.equal(getattr(trailing, field), getattr(at_once, field)), field

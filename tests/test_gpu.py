@@ -51,6 +51,28 @@ def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggre
     assert after["graph_breaks"] == before["graph_breaks"]
 
 
+@pytest.mark.parametrize("decode_step", ["eager", "graph"])
+def test_the_trailing_stop_check_on_cuda_changes_no_token(tiny_causal, decode_step):
+    """On CUDA the stop check reads the step before's flag (an event, not a wait for the device):
+    two rows that end at different steps give the CPU's tokens, and the decode's last column is
+    the longest row's EOS."""
+    import dataclasses
+
+    from test_decoding import ENDING, EndingAt
+
+    from emorl_ray.decoding.engine import STOP_CHECK_LAG, decode
+
+    assert STOP_CHECK_LAG["cuda"] == 1
+    prompts, eos = ENDING["greedy"]
+    mc = ModelConfig(id=tiny_causal, use_chat_template=False)
+    cpu = EndingAt(mc, eos)
+    gpu = EndingAt(dataclasses.replace(mc, decode_step=decode_step), eos, "cuda")
+    want = decode(cpu, cpu.model.eval(), prompts, 16)
+    got = decode(gpu, gpu.model.eval(), prompts, 16)
+    assert want.ended.all() and want.ids.shape[1] < 16
+    assert torch.equal(got.ids.cpu(), want.ids) and torch.equal(got.mask.cpu(), want.mask)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_scst_step_on_cuda(tiny_causal, precision):
     from emorl_ray.training.scst import scst_step

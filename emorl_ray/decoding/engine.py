@@ -28,6 +28,8 @@ from emorl_ray.decoding.sampling import choose_token, device_generator, token_lo
 from emorl_ray.decoding.static import static_decoder
 
 _SKINNY_ROWS = 48  # up to this many rows, `linear` multiplies W @ x^T on a CPU
+# Steps by which the stop check may trail the decode, per device type (see StopCheck).
+STOP_CHECK_LAG = {"cuda": 1}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -82,6 +84,38 @@ class Decoded:
     logprobs: torch.Tensor | None = None  # (B, T) log-prob of each token under what it was drawn from
 
 
+class StopCheck:
+    """Whether every prompt has finished, asked once a step. Reading a device's flag on the host
+    waits for the device to finish the step; the host would then launch the next step (its eager
+    kernels and the graph replay) onto an idle device, and every step would pay the host's time on
+    top of the device's. With `lag` 1 the flag is copied to the host without waiting and read one
+    step later, while the device already runs the next step: the decode then computes at most one
+    step past the end of the longest row, whose tokens (all padding) the caller drops. On a CPU
+    nothing runs ahead of the host, and the flag is read at once (lag 0)."""
+
+    def __init__(self, device: torch.device):
+        self.lag = STOP_CHECK_LAG.get(device.type, 0)
+        self.pending: tuple[torch.Tensor, object] | None = None
+
+    def all_finished(self, finished: torch.Tensor) -> bool:
+        """Whether every row had finished `self.lag` steps ago (this step's flag is kept for later)."""
+        flag = finished.all()
+        if self.lag == 0:
+            return bool(flag)
+        if flag.device.type == "cuda":
+            ready = torch.cuda.Event()
+            flag = flag.to("cpu", non_blocking=True)  # into pinned memory, done when `ready` is
+            ready.record()
+        else:
+            ready = None
+        before, self.pending = self.pending, (flag, ready)
+        if before is None:
+            return False
+        if before[1] is not None:
+            before[1].synchronize()  # the step before this one: this step stays queued on the device
+        return bool(before[0])
+
+
 def response_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """1 for every token up to and including the first EOS, 0 after it."""
     is_eos = (ids == eos_id).long()
@@ -134,6 +168,7 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
     attn = enc["attention_mask"].repeat(K, 1)
     head = model.get_output_embeddings()
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    stop = StopCheck(dev)
     tokens, logprobs = [], []
     static = None  # a fixed-shape step (decoding.static), where the policy asks for one
     if not policy.is_seq2seq and getattr(policy, "decode_step", "eager") != "eager":
@@ -173,7 +208,9 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
             nxt = nxt.to(dev).masked_fill(finished, policy.pad_token_id)
             tokens.append(nxt)
             finished |= nxt == policy.eos_token_id
-            if finished.all():  # the one host sync per token: the stop check
+            if stop.all_finished(finished):  # the one host sync per token
+                # the last `lag` steps came after the longest row's end: padding only
+                del tokens[len(tokens) - stop.lag:], logprobs[len(logprobs) - stop.lag:]
                 break
             step = nxt.repeat(K).unsqueeze(1)
             if static is not None:
