@@ -115,6 +115,9 @@ def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
     return tune.Tuner(
         trainable,
         param_space={"app": APP_NAME, "max_new_tokens": se.max_new_tokens, "aggregation": aggregation},
+        # Not reuse_actors: with it, the experiment state Tune saved to an S3 run directory stayed
+        # at its first two trials for a whole search (Ray 2.60; seen under the killed-driver test of
+        # tests/test_pipeline_e2e.py), and a driver killed mid-search would redo every trial.
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                     max_concurrent_trials=se.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=run_dir.ray_storage,
