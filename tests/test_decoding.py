@@ -66,7 +66,6 @@ def test_random_stand_in_has_the_shape_and_the_tokenizer(tiny_causal, tmp_path):
         build_random_model(tmp_path / "x", "gpt-5", tiny_causal)
 
 
-
 # prompts and a token they both reach early on the seeded tiny model (greedy, or sampled with seed 3)
 ENDING = {"greedy": ([PROMPTS[1], PROMPTS[4]], 213), "sampled": ([PROMPTS[0], PROMPTS[2]], 25)}
 
