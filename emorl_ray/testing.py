@@ -9,6 +9,7 @@ inside training workers (`training.launch.fit(..., hooks=[...])`).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +121,6 @@ def word_overlap(prompts: list[str], responses: list[str]) -> list[float]:
 
 def slow_word_overlap(prompts: list[str], responses: list[str]) -> list[float]:
     """`word_overlap` taking 1.5 s a call: long enough to lose a scorer replica mid-call in tests."""
-    import time
-
     time.sleep(1.5)
     return word_overlap(prompts, responses)
 
@@ -184,6 +183,24 @@ class FailOnce:
             target = max(newest.rglob("*.safetensors"), key=lambda p: p.stat().st_size)
             target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
         raise RuntimeError(f"injected failure at step {step}")
+
+
+@dataclass
+class WaitAt:
+    """Hold the worker once it has done `step` steps, until the file `release` exists (at most
+    `timeout_s`): the run stays alive, mid-training, for as long as a test needs to look at it."""
+    step: int
+    release: str
+    timeout_s: float = 300.0
+
+    def before_step(self, step: int, objectives: list[str]) -> None:
+        if step != self.step:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not os.path.exists(self.release):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"WaitAt: {self.release} did not appear within {self.timeout_s} s")
+            time.sleep(0.1)
 
 
 @dataclass

@@ -21,7 +21,8 @@ def ray_with_scorers(tiny_causal, tmp_path_factory):
     from emorl_ray.config import parse_config
     from emorl_ray.rewards.serve import deploy_scorers
 
-    cfg = parse_config(tiny_raw_config(tiny_causal, tmp_path_factory.mktemp("runs"), max_steps=5, val_every=2,
+    # 8 steps: time enough to kill a worker between its first checkpoint and its end.
+    cfg = parse_config(tiny_raw_config(tiny_causal, tmp_path_factory.mktemp("runs"), max_steps=8, val_every=2,
                                        max_failures=1))
     start_local_ray()
     serve.start(http_options={"host": "127.0.0.1"})
@@ -51,11 +52,10 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_sigkilled_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_path):
+def test_sigkilled_worker_resumes_with_the_same_counters(ray_with_scorers, clean_overlap, tmp_path):
     """SIGKILL the training worker's process once it has saved a checkpoint: Ray Train restarts the
     worker, the loop resumes from that checkpoint, nothing is counted twice, and since sampling is
     seeded per step the resumed run equals the uninterrupted one."""
-    import copy
     import os
     import signal
     import threading
@@ -63,10 +63,8 @@ def test_sigkilled_worker_resumes_with_the_same_counters(ray_with_scorers, tmp_p
 
     from emorl_ray.training.launch import TrainJob, fit
 
-    cfg = copy.deepcopy(ray_with_scorers)
-    cfg.training.max_steps = 8  # time to be killed in the middle
+    cfg, clean = ray_with_scorers, clean_overlap
     job = TrainJob("overlap", {"overlap": 1.0}, seed=0)
-    clean = fit(cfg, RunDir.at(tmp_path / "clean"), job)
     result = {}
     runner = threading.Thread(target=lambda: result.update(m=fit(cfg, RunDir.at(tmp_path / "killed"), job)))
     runner.start()
@@ -184,30 +182,46 @@ def test_objectives_train_concurrently_and_rerun_is_skipped(ray_with_scorers, cl
     assert again == manifests
 
 
-def test_training_progress_reaches_the_ray_metrics_agent(ray_with_scorers):
-    """The custom metrics the dashboard charts (emorl_ray.metrics), scraped from the node's
-    Prometheus endpoint after the trainings above."""
+def test_training_progress_reaches_the_ray_metrics_agent(ray_with_scorers, tmp_path):
+    """The custom metrics the dashboard charts (emorl_ray.metrics), scraped from the node's Prometheus
+    endpoint while a run is held after its 4th step. Read live: a worker sends its metrics to the
+    node's agent every few seconds, so a finished run's last values can end with its process."""
     import re
+    import threading
     import time
     import urllib.request
 
     import ray
 
+    from emorl_ray.testing import WaitAt
+    from emorl_ray.training.launch import TrainJob, fit
+
+    job = TrainJob("overlap", {"overlap": 1.0}, seed=7)  # a run label no other test's run has
+    release, result = tmp_path / "release", {}
+    runner = threading.Thread(target=lambda: result.update(
+        m=fit(ray_with_scorers, RunDir.at(tmp_path), job, hooks=[WaitAt(step=4, release=str(release))])))
+    runner.start()
     node = ray._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
     wanted = {"ray_emorl_train_step", "ray_emorl_train_reward", "ray_emorl_val_score",
               "ray_emorl_train_data_points_total", "ray_emorl_tokens_per_second"}
     found: dict = {}
-    deadline = time.time() + 90  # the agent exports every few seconds
-    while time.time() < deadline and not wanted <= set(found):
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        for name, labels, value in re.findall(r'^(ray_emorl_\w+)\{([^}]*)\} (\S+)$', text, re.M):
-            if 'run="overlap-s0"' in labels:
-                found[name] = max(found.get(name, float("-inf")), float(value))
-        time.sleep(2)
+    try:
+        deadline = time.time() + 240  # the run's start, then the agent's export interval
+        while time.time() < deadline and runner.is_alive() and not (
+                wanted <= set(found) and found["ray_emorl_train_step"] >= 4):
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            for name, labels, value in re.findall(r'^(ray_emorl_\w+)\{([^}]*)\} (\S+)$', text, re.M):
+                if f'run="{job.run_name}"' in labels:
+                    found[name] = float(value)
+            time.sleep(1)
+    finally:
+        release.touch()
+        runner.join(timeout=300)
     assert wanted <= set(found), f"missing {wanted - set(found)}"
-    assert found["ray_emorl_train_step"] == 5  # max_steps of the runs above
-    assert found["ray_emorl_tokens_per_second"] > 0
+    assert found["ray_emorl_train_step"] == 4  # the steps done before the hold
+    assert found["ray_emorl_train_data_points_total"] == 8 and found["ray_emorl_tokens_per_second"] > 0
+    assert result["m"].steps == 8  # released, the run goes on to its end
 
 
 def _config(base, **changes):
