@@ -187,9 +187,9 @@ def test_training_progress_reaches_the_ray_metrics_agent(ray_with_scorers, tmp_p
     endpoint while a run is held after its 4th step. Read live: a worker sends its metrics to the
     node's agent every few seconds, so a finished run's last values can end with its process."""
     import re
-    import threading
     import time
     import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
 
     import ray
 
@@ -197,10 +197,9 @@ def test_training_progress_reaches_the_ray_metrics_agent(ray_with_scorers, tmp_p
     from emorl_ray.training.launch import TrainJob, fit
 
     job = TrainJob("overlap", {"overlap": 1.0}, seed=7)  # a run label no other test's run has
-    release, result = tmp_path / "release", {}
-    runner = threading.Thread(target=lambda: result.update(
-        m=fit(ray_with_scorers, RunDir.at(tmp_path), job, hooks=[WaitAt(step=4, release=str(release))])))
-    runner.start()
+    release = tmp_path / "release"
+    pool = ThreadPoolExecutor(max_workers=1)
+    run = pool.submit(fit, ray_with_scorers, RunDir.at(tmp_path), job, [WaitAt(step=4, release=str(release))])
     node = ray._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
     wanted = {"ray_emorl_train_step", "ray_emorl_train_reward", "ray_emorl_val_score",
@@ -208,7 +207,7 @@ def test_training_progress_reaches_the_ray_metrics_agent(ray_with_scorers, tmp_p
     found: dict = {}
     try:
         deadline = time.time() + 240  # the run's start, then the agent's export interval
-        while time.time() < deadline and runner.is_alive() and not (
+        while time.time() < deadline and not run.done() and not (
                 wanted <= set(found) and found["ray_emorl_train_step"] >= 4):
             text = urllib.request.urlopen(url, timeout=10).read().decode()
             for name, labels, value in re.findall(r'^(ray_emorl_\w+)\{([^}]*)\} (\S+)$', text, re.M):
@@ -217,11 +216,11 @@ def test_training_progress_reaches_the_ray_metrics_agent(ray_with_scorers, tmp_p
             time.sleep(1)
     finally:
         release.touch()
-        runner.join(timeout=300)
+        pool.shutdown(wait=False)
     assert wanted <= set(found), f"missing {wanted - set(found)}"
     assert found["ray_emorl_train_step"] == 4  # the steps done before the hold
     assert found["ray_emorl_train_data_points_total"] == 8 and found["ray_emorl_tokens_per_second"] > 0
-    assert result["m"].steps == 8  # released, the run goes on to its end
+    assert run.result(timeout=300).steps == 8  # released, the run goes on to its end
 
 
 def _config(base, **changes):
