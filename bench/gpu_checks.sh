@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures the README quotes, one phase per call so that each fits a short slot on a node:
 #
-#   bash bench/gpu_checks.sh PHASE [TOKENIZERS]      PHASE: decode | train | pipeline | tests | all
+#   bash bench/gpu_checks.sh PHASES [TOKENIZERS]     PHASES: decode | train | pipeline | tests | all,
+#                                                    or several joined by commas (pipeline,tests)
 #
-# `all` runs the four in that order (the figures first) and goes on past a failed phase.
+# `all` runs the four in that order (the figures first). Several phases go on past a failed one,
+# and each one's outcome and wall time is appended to bench/results/gpu_checks-times.log as it
+# ends: a node lent for a few minutes may cut the run short, and the next call needs to know which
+# phases are left and how long they take.
 # On one CUDA GPU (H100/H200 class), with the project and its dependencies importable (plus
 # `pip install --no-deps trl==1.16.0 pytest` for `train` and `tests`). The node needs neither the
 # hub nor the embedded weights: `decode` uses random weights, and `train` and `pipeline` build
@@ -12,8 +16,10 @@
 # (TOKENIZERS, default bench/tokenizers). Output: bench/results/*.json and the logs in
 # bench/results/gpu_checks-PHASE.log.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-phase=${1:?give a phase: decode | train | pipeline | tests | all}
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
+phases=${1:?give phases: decode | train | pipeline | tests | all, or several joined by commas}
+[[ $phases == all ]] && phases=decode,train,pipeline,tests
 tokenizers=${2:-bench/tokenizers}
 export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
@@ -50,10 +56,22 @@ run_phase() {
         --set model.id="$work/smollm2" --set objectives.reflection.scorer.model="$work/minilm" \
         --set objectives.empathy.scorer.model="$work/minilm" --set training.max_steps=20 \
         --set search.levels=2 ;;
-    all) for p in decode train pipeline tests; do run_phase $p || echo "phase $p failed"; done ;;  # figures first
-    *) echo "unknown phase $1: decode | train | pipeline | tests | all" >&2; exit 2 ;;
   esac
 }
 
+for p in ${phases//,/ }; do  # every name checked before the first phase starts
+  [[ $p =~ ^(decode|train|pipeline|tests)$ ]] || { echo "unknown phase $p: decode | train | pipeline | tests | all" >&2; exit 2; }
+done
+if [[ $phases == *,* ]]; then  # each phase in a shell of its own, which its first failed command ends
+  failed=0
+  for p in ${phases//,/ }; do bash "$self" "$p" "$tokenizers" || failed=1; done
+  exit $failed
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-run_phase "$phase" 2>&1 | tee "bench/results/gpu_checks-$phase.log"
+start=$SECONDS
+set +e
+( set -e; run_phase "$phases" ) 2>&1 | tee "bench/results/gpu_checks-$phases.log"
+rc=$?
+echo "phase $phases: $([[ $rc == 0 ]] && echo ok || echo "failed ($rc)") in $((SECONDS - start)) s" |
+  tee -a bench/results/gpu_checks-times.log
+exit $rc
