@@ -24,7 +24,6 @@ tokenizers=${2:-bench/tokenizers}
 export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 mkdir -p bench/results
-work=$(mktemp -d)
 
 stand_ins() {  # random-weight models with the real tokenizers
   for d in "$tokenizers/smollm2" "$tokenizers/minilm"; do
@@ -67,6 +66,7 @@ if [[ $phases == *,* ]]; then  # each phase in a shell of its own, which its fir
   for p in ${phases//,/ }; do bash "$self" "$p" "$tokenizers" || failed=1; done
   exit $failed
 fi
+work=$(mktemp -d)  # the phase's stand-in models and run directory
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 start=$SECONDS
 set +e
