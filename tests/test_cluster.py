@@ -89,7 +89,8 @@ def test_kuberay_pair_is_consistent():
 @functools.cache
 def _crd_schema(kind: str) -> dict:
     # libyaml's loader: the CRDs are 1-1.4 MB of YAML, seconds each for the pure-Python one.
-    crd = yaml.load(gzip.open(ROOT / "tests" / "kuberay" / f"ray.io_{kind.lower()}s.yaml.gz"), Loader=yaml.CSafeLoader)
+    with gzip.open(ROOT / "tests" / "kuberay" / f"ray.io_{kind.lower()}s.yaml.gz") as f:
+        crd = yaml.load(f, Loader=yaml.CSafeLoader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
