@@ -244,7 +244,7 @@ def evaluate_run(location: str, overrides: dict | None = None) -> dict:
     """Re-evaluate a finished run (`jobs/evaluate.py`): its saved experiment with `overrides` of
     EVALUATION_FIELDS, its trained runs and searched weights; rewrites eval/ and the report."""
     from emorl_ray.data import load_splits
-    from emorl_ray.ensemble.deployment import APP_NAME, deploy_evaluator
+    from emorl_ray.ensemble.deployment import APP_NAME, evaluator_app
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import app_name, deploy_scorers
     from emorl_ray.training.launch import baseline_runs
@@ -276,8 +276,7 @@ def evaluate_run(location: str, overrides: dict | None = None) -> dict:
     with ray_session([APP_NAME] + [app_name(o) for o in cfg.objective_names]):
         check_cluster(cfg, training=False)
         trained_scorers(cfg, train=False)
-        deploy_scorers(cfg)
-        deploy_evaluator(cfg, evaluator_adapters(cfg, manifests))
+        deploy_scorers(cfg, alongside=[evaluator_app(cfg, evaluator_adapters(cfg, manifests))])
         report = evaluation_stage(cfg, run_dir, manifests, search, baseline_runs(cfg, manifests), compared)
     return {"run_dir": str(run_dir), "report": report["html"], "report_markdown": report["markdown"],
             "eval_wall_s": time.time() - t, "metrics": run_dir.eval_metrics}

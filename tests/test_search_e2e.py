@@ -18,7 +18,7 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
     from test_ensemble import _random_adapters
 
     from emorl_ray.config import parse_config
-    from emorl_ray.ensemble.deployment import deploy_evaluator
+    from emorl_ray.ensemble.deployment import APP_NAME, evaluator_app
     from emorl_ray.rewards.serve import deploy_scorers
     from emorl_ray.search.run import run_search
 
@@ -28,8 +28,8 @@ def test_cube_search_scores_the_origin_and_reports_the_weights_used(tiny_causal,
     _, adapters = _random_adapters(tiny_causal, tmp_path, names=("overlap", "brevity"))
     start_local_ray()
     try:
-        deploy_scorers(cfg)
-        handle = deploy_evaluator(cfg, adapters)
+        deploy_scorers(cfg, alongside=[evaluator_app(cfg, adapters)])
+        handle = serve.get_app_handle(APP_NAME)
         origin = handle.evaluate.remote({"overlap": 0.0, "brevity": 0.0}, "val", 4, True).result()
         assert origin["responses"] == [""] * len(origin["responses"])
         assert origin["mean"] == origin["mean"] and origin["weights_used"] == {"overlap": 0.0, "brevity": 0.0}

@@ -26,7 +26,7 @@ def load_ensemble(cfg, adapters: dict[str, str], device: str, num_cpus: float, p
     return AdapterEnsemble(Policy(cfg.model, device), adapters, prefill_cache_mb)
 
 
-@serve.deployment(max_ongoing_requests=16)
+@serve.deployment(max_ongoing_requests=16, graceful_shutdown_wait_loop_s=0.2)  # as the scorers (rewards/serve.py)
 class EnsembleEvaluator:
     """`adapters`: name -> adapter directory: the objectives' adapters, plus any LoRA baseline
     adapters the evaluation compares (they take weight 0 unless named). Fully fine-tuned baselines
@@ -127,7 +127,10 @@ class EnsembleEvaluator:
         return out
 
 
-def deploy_evaluator(cfg, adapters: dict[str, str]):
+def evaluator_app(cfg, adapters: dict[str, str]):
+    """The evaluator as a Serve application to start, alone or with the scorers (rewards/serve.py)."""
+    from ray.serve.api import RunTarget
+
     se = cfg.search
     device = "cuda" if se.evaluator_gpus > 0 else "cpu"
     app = EnsembleEvaluator.options(
@@ -135,4 +138,10 @@ def deploy_evaluator(cfg, adapters: dict[str, str]):
         ray_actor_options={"num_cpus": se.evaluator_cpus, "num_gpus": se.evaluator_gpus,
                            "resources": se.evaluator_resources},
     ).bind(cfg.to_dict(), adapters, device)
-    return serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)
+    return RunTarget(target=app, name=APP_NAME, route_prefix=None)
+
+
+def deploy_evaluator(cfg, adapters: dict[str, str]):
+    """Start the evaluator and wait until it is healthy; returns its handle."""
+    (handle,) = serve.run_many([evaluator_app(cfg, adapters)])
+    return handle

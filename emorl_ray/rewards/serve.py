@@ -26,7 +26,9 @@ def _n_pairs(requests: list) -> int:
     return sum(len(prompts) for prompts, _ in requests)
 
 
-@serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
+# A job removes its scorers only once it is done with them: no call is left to drain, and Serve's
+# default 2 s between drain checks would only delay the job's end (emorl_ray/pipeline.py).
+@serve.deployment(max_ongoing_requests=128, health_check_period_s=10, graceful_shutdown_wait_loop_s=0.2)
 class ScorerDeployment:
     def __init__(self, objective: str, scorer: dict, policy_model: dict):
         from emorl_ray.models import use_reserved_cpus
@@ -57,8 +59,10 @@ class ScorerDeployment:
         return await self._score_batch((list(prompts), list(responses)))
 
 
-def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None) -> dict[str, object]:
-    """Start one Serve application per objective, all at once, and wait until all are healthy."""
+def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None, alongside: tuple = ()) -> dict:
+    """Start one Serve application per objective, and the applications `alongside` (`RunTarget`s,
+    e.g. the evaluator, which calls the scorers only once asked to score), all at once; wait until
+    all are healthy. Returns the scorers' handles by objective."""
     import dataclasses
 
     from ray.serve.api import RunTarget
@@ -72,8 +76,8 @@ def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None) -
             ray_actor_options={"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus, "resources": sc.resources},
         ).bind(name, dataclasses.asdict(sc), dataclasses.asdict(cfg.model))
         targets.append(RunTarget(target=app, name=app_name(name), route_prefix=None))
-    handles = serve.run_many(targets)
-    log.info("scorers deployed as Serve apps %s", [t.name for t in targets])
+    handles = serve.run_many(targets + list(alongside))
+    log.info("deployed as Serve apps: %s", [t.name for t in targets + list(alongside)])
     return dict(zip(objectives, handles))
 
 
