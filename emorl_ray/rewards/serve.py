@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from ray import serve
 
@@ -59,7 +60,7 @@ class ScorerDeployment:
         return await self._score_batch((list(prompts), list(responses)))
 
 
-def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None, alongside: tuple = ()) -> dict:
+def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None, alongside: Sequence = ()) -> dict:
     """Start one Serve application per objective, and the applications `alongside` (`RunTarget`s,
     e.g. the evaluator, which calls the scorers only once asked to score), all at once; wait until
     all are healthy. Returns the scorers' handles by objective."""
