@@ -77,8 +77,9 @@ def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None, a
             ray_actor_options={"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus, "resources": sc.resources},
         ).bind(name, dataclasses.asdict(sc), dataclasses.asdict(cfg.model))
         targets.append(RunTarget(target=app, name=app_name(name), route_prefix=None))
-    handles = serve.run_many(targets + list(alongside))
-    log.info("deployed as Serve apps: %s", [t.name for t in targets + list(alongside)])
+    apps = targets + list(alongside)
+    handles = serve.run_many(apps)
+    log.info("deployed as Serve apps: %s", [t.name for t in apps])
     return dict(zip(objectives, handles))
 
 
