@@ -80,7 +80,7 @@ def deploy_scorers(cfg: ExperimentConfig, objectives: list[str] | None = None, a
     apps = targets + list(alongside)
     handles = serve.run_many(apps)
     log.info("deployed as Serve apps: %s", [t.name for t in apps])
-    return dict(zip(objectives, handles))
+    return dict(zip(objectives, handles[:len(targets)], strict=True))  # the `alongside` apps' handles come after
 
 
 class ServeRewards:
