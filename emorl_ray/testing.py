@@ -3,7 +3,8 @@
 
 It lives in the package, not in tests/, because Ray workers must import it: toy scorers are named
 in configs (`{type: python, function: emorl_ray.testing:word_overlap}`) and the fault hooks run
-inside training workers (`training.launch.fit(..., hooks=[...])`).
+inside training workers (`training.launch.fit(..., hooks=[...])`). So torch and transformers are
+imported where a model is built, not here: a toy scorer's Serve replica would pay seconds for them.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 # ---------------------------------------------------------------------------------------------
 # Tiny random models
@@ -37,6 +36,7 @@ def _tiny_tokenizer(texts: list[str]):
 
 def build_tiny_model(path: str | os.PathLike, kind: str = "causal", seed: int = 0) -> str:
     """Write a tiny randomly initialised model (+ word-level tokenizer) to `path` and return it."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     from emorl_ray.data import read_demo
@@ -84,6 +84,7 @@ def build_random_model(path: str | os.PathLike, shape: str, tokenizer: str | os.
     saved in the directory `tokenizer` (the real model's: prompts, chat template and special tokens
     as the real model sees them), and return `path`. LLaMA shapes become causal LMs, minilm-l6 a
     BERT encoder."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     if shape not in MODEL_SHAPES:
