@@ -25,6 +25,25 @@ def test_python_scorer_by_import_path_and_bad_path():
         build_scorer(ScorerConfig(type="python", function="emorl_ray.testing:nope"), ModelConfig())
 
 
+def test_a_scorer_replica_without_torch_does_not_import_it():
+    """A python scorer's Serve replica (the deployment's own class, built in a fresh process) leaves
+    torch unimported: each replica of such a scorer would otherwise pay seconds for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from emorl_ray.rewards.serve import ScorerDeployment\n"
+        "replica = ScorerDeployment.func_or_class('overlap', {'type': 'python', "
+        "'function': 'emorl_ray.testing:word_overlap', 'num_cpus': 0.5}, {'id': 'unused'})\n"
+        "assert replica.scorer(['I feel stuck'], ['stuck']) == [1.0]\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_local_rewards_validates_outputs():
     rewards = LocalRewards({"bad": lambda p, r: [float("inf")] * len(p), "good": lambda p, r: [0.5] * len(p)})
     assert rewards.score_all(["a"], ["b"], ["good"]) == {"good": [0.5]}
