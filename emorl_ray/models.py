@@ -8,7 +8,6 @@ cache, so later loads take well under a second.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -87,14 +86,6 @@ def _convert_gguf(directory: Path, filename: str, cache_dir: str | None, key: st
         if not (target / "config.json").exists():  # lost a race with another process: fine
             raise
     return target
-
-
-def use_reserved_cpus(num_cpus: float) -> None:
-    """Run torch with as many threads as CPUs were reserved for this process, rounded up.
-
-    Ray does not cap torch's thread pool for actors with fractional CPUs; several processes each
-    spinning up one thread per core on a small machine slow everything down several-fold."""
-    torch.set_num_threads(max(1, math.ceil(num_cpus)))
 
 
 def model_kind(path: str, cfg: ModelConfig) -> str:

@@ -11,10 +11,15 @@ time fits on the cluster's nodes together:
 The nodes are the live ones plus, on an autoscaling cluster, the nodes its autoscaler may start:
 the node types of the Ray cluster launcher's config (on the head at ~/ray_bootstrap_config.yaml,
 or named by `autoscaler_config`), or of a KubeRay RayCluster manifest, each up to its max count.
+
+Once placed, a process keeps to what it reserved: `use_reserved_cpus` sizes torch's thread pool.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -32,6 +37,20 @@ def trainer_worker_request(sc: ScalingConfig) -> dict[str, float]:
     if sc.use_gpu:
         req["GPU"] = sc.gpus_per_worker or 1
     return req
+
+
+def use_reserved_cpus(num_cpus: float) -> None:
+    """Run torch with as many threads as CPUs were reserved for this process, rounded up.
+
+    Ray does not cap torch's thread pool for actors with fractional CPUs; several processes each
+    spinning up one thread per core on a small machine slow everything down several-fold. Nothing
+    is imported for it: a process that has not loaded torch (a scorer that is a plain python
+    function) is spared the seconds that takes, and if it loads torch later, torch reads the
+    thread count from OMP_NUM_THREADS then."""
+    n = max(1, math.ceil(num_cpus))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 def _nonzero(req: dict) -> dict:

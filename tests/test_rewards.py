@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 
@@ -27,7 +28,8 @@ def test_python_scorer_by_import_path_and_bad_path():
 
 def test_a_scorer_replica_without_torch_does_not_import_it():
     """A python scorer's Serve replica (the deployment's own class, built in a fresh process) leaves
-    torch unimported: each replica of such a scorer would otherwise pay seconds for it."""
+    torch unimported: each replica of such a scorer would otherwise pay seconds for it. Should the
+    scorer load torch later, torch still keeps to the CPUs the replica reserved (0.5 -> 1 thread)."""
     import subprocess
     import sys
 
@@ -37,11 +39,30 @@ def test_a_scorer_replica_without_torch_does_not_import_it():
         "replica = ScorerDeployment.func_or_class('overlap', {'type': 'python', "
         "'function': 'emorl_ray.testing:word_overlap', 'num_cpus': 0.5}, {'id': 'unused'})\n"
         "assert replica.scorer(['I feel stuck'], ['stuck']) == [1.0]\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+        "loaded = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "import torch\n"
+        "print(loaded, torch.get_num_threads())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] 1"
+
+
+def test_reserved_cpus_cap_a_loaded_torch(monkeypatch):
+    import torch
+
+    from emorl_ray.placement import use_reserved_cpus
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # restored (or removed) after the test
+    before = torch.get_num_threads()
+    try:
+        use_reserved_cpus(0.3)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        use_reserved_cpus(1.5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_local_rewards_validates_outputs():

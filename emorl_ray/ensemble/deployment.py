@@ -20,7 +20,8 @@ APP_NAME = "emorl-ensemble"
 def load_ensemble(cfg, adapters: dict[str, str], device: str, num_cpus: float, prefill_cache_mb: float = 0):
     """Base model + adapters for a Serve replica, using the CPU threads the replica reserved."""
     from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
-    from emorl_ray.models import Policy, use_reserved_cpus
+    from emorl_ray.models import Policy
+    from emorl_ray.placement import use_reserved_cpus
 
     use_reserved_cpus(num_cpus)
     return AdapterEnsemble(Policy(cfg.model, device), adapters, prefill_cache_mb)

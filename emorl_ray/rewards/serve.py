@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Sequence
 
@@ -33,15 +32,12 @@ def _n_pairs(requests: list) -> int:
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10, graceful_shutdown_wait_loop_s=0.2)
 class ScorerDeployment:
     def __init__(self, objective: str, scorer: dict, policy_model: dict):
+        from emorl_ray.placement import use_reserved_cpus
+
         self.objective = objective
         scorer_cfg = ScorerConfig(**scorer)
+        use_reserved_cpus(scorer_cfg.num_cpus)
         self.scorer = build_scorer(scorer_cfg, ModelConfig(**policy_model))
-        # A scorer that runs torch has imported it by now; one that does not (a plain python
-        # function, the lexicon) is spared importing torch and transformers, seconds per replica.
-        if "torch" in sys.modules:
-            from emorl_ray.models import use_reserved_cpus
-
-            use_reserved_cpus(scorer_cfg.num_cpus)
 
     @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.02, batch_size_fn=_n_pairs)
     async def _score_batch(self, requests: list[tuple[list[str], list[str]]]) -> list[list[float]]:

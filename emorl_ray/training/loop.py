@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from emorl_ray.config import ExperimentConfig, config_from_dict
-from emorl_ray.models import use_reserved_cpus
+from emorl_ray.placement import use_reserved_cpus
 from emorl_ray.training.checkpoint import restore, save_checkpoint
 from emorl_ray.training.launch import TrainJob
 from emorl_ray.training.weighting import build_weighting
