@@ -66,7 +66,15 @@ def ray_session(apps: list[str]):
     from ray import serve
 
     started = connect_ray()
-    serve.start(http_options={"host": "127.0.0.1"})
+    if started:
+        # Our scorers and evaluator are called through handles only, so our own Ray needs no HTTP
+        # proxy: one process fewer, and the job still runs while something else on this machine
+        # (an `emorl serve` endpoint, say) holds Serve's port 8000, where the proxy would fail to bind.
+        serve.start(proxy_location="Disabled")
+    else:
+        # A cluster's Serve outlives this job (a later `emorl serve` there needs its proxy), so it
+        # is started as any Serve would be, on 127.0.0.1.
+        serve.start(http_options={"host": "127.0.0.1"})
     try:
         yield
     finally:

@@ -29,3 +29,33 @@ def test_unknown_command_and_bad_run_directory_exit_2():
     # The job script is the same command (what `ray job submit -- python jobs/evaluate.py` runs).
     out = _run(sys.executable, "jobs/evaluate.py", "/nonexistent/run")
     assert out.returncode == 2 and "holds no run" in out.stderr
+
+
+def test_serve_refuses_a_port_in_use_before_starting_ray(tiny_causal, tmp_path):
+    """`emorl serve` on its own local Ray checks it can listen on serving.host:serving.port first:
+    Serve's proxy would fail to bind only after Ray and the replicas are up."""
+    import os
+    import socket
+
+    import yaml
+    from conftest import tiny_raw_config
+
+    from emorl_ray import storage
+    from emorl_ray.config import parse_config
+    from emorl_ray.rundir import RunManifest
+
+    cfg = parse_config(tiny_raw_config(tiny_causal, tmp_path / "runs"))
+    run_dir = cfg.run_dir
+    storage.write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run_dir.write_runs([RunManifest(name=o, seed=0, method="single", reward_weights={o: 1.0}, lora=True, steps=1,
+                                    data_points=2, train_seconds=1.0, converged=False, trained_steps=1,
+                                    trained_data_points=2, final_val_score=None, metrics_path="", ray_checkpoint="",
+                                    adapter_path=str(tmp_path / o)) for o in cfg.objective_names])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        out = subprocess.run([str(EMORL), "serve", "--run-dir", run_dir.location, "--port", str(port)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use); pass --port" in out.stderr
+    assert "Ray" not in out.stderr  # refused before a local Ray was started

@@ -132,13 +132,16 @@ def test_pipeline_end_to_end_and_resume(tiny_causal, tmp_path, monkeypatch, requ
     assert all("w/vowels" in p for p in points3) and len(points3) > len(points)
 
 
-def test_killed_driver_resumes_from_an_s3_run_directory(tiny_causal, tmp_path, s3_bucket, s3_server):
+def test_killed_driver_resumes_from_an_s3_run_directory(tiny_causal, tmp_path, s3_bucket, s3_server, request):
     """The run directory on S3 (a real S3-compatible server). SIGKILL the whole job (driver and
     its local Ray) during the search, then `jobs/train_all.py --resume s3://...`: trainings and the
-    trials Tune had saved are not redone; then `jobs/evaluate.py s3://...` re-reads the run."""
+    trials Tune had saved are not redone; then `jobs/evaluate.py s3://...` re-reads the run.
+    Meanwhile something else holds Serve's port 8000 (an `emorl serve` endpoint, say): the job
+    serves nothing over HTTP and runs anyway."""
     import os
     import re
     import signal
+    import socket
     import subprocess
     import sys
     import time
@@ -148,6 +151,10 @@ def test_killed_driver_resumes_from_an_s3_run_directory(tiny_causal, tmp_path, s
     from emorl_ray import storage
     from emorl_ray.rundir import RunDir
 
+    try:
+        request.addfinalizer(socket.create_server(("127.0.0.1", 8000)).close)
+    except OSError:  # already held by something else, which does as well
+        pass
     root = Path(__file__).resolve().parents[1]
     raw = tiny_raw_config(tiny_causal, s3_bucket + "/runs")
     raw["search"]["levels"] = 4  # 3 + 1 + 1 + 1 trials: time to be killed in the middle
@@ -166,6 +173,7 @@ def test_killed_driver_resumes_from_an_s3_run_directory(tiny_causal, tmp_path, s
             break
         time.sleep(0.5)
     time.sleep(2.5)  # Tune saves its experiment state every second here (search/run.py)
+    assert proc.poll() is None, f"the job ended before it was killed:\n{first_log.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before_kill = len(trial_done.findall(first_log.read_text()))

@@ -10,6 +10,8 @@ Binds to 127.0.0.1 unless `serving.host` (or --host) says otherwise. Ctrl-C stop
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import time
 
@@ -18,6 +20,18 @@ from emorl_ray.config import ConfigError
 
 class UsageError(Exception):
     """What is wrong with the command line or the run directory: the message to print (exit 2)."""
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """UsageError unless this machine can listen on host:port, checked before Ray starts: Serve's
+    proxy would otherwise fail to bind only after Ray and Serve are up, with a traceback."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds: TIME_WAIT is no clash
+            s.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"error: serving.host/serving.port: cannot listen on {host}:{port} ({e.strerror}); "
+                         "pass --port with a free port (or --host), or stop what holds it") from None
 
 
 def _what_to_serve(args):
@@ -35,6 +49,8 @@ def _what_to_serve(args):
         cfg = run_dir.load_config(overrides)
     except ConfigError as e:
         raise UsageError(f"config error: {e}") from None
+    if not os.environ.get("RAY_ADDRESS"):  # we start a local Ray, so Serve's proxy listens on this machine
+        check_can_listen(cfg.serving.host, cfg.serving.port)
     try:
         adapters = ensemble_adapters(cfg, run_dir.runs())
     except RuntimeError as e:
