@@ -14,6 +14,44 @@ import pytest  # noqa: E402
 from emorl_ray.config import parse_config  # noqa: E402
 from emorl_ray.testing import build_tiny_model  # noqa: E402
 
+# The test files that start Ray. With pytest-xdist (`pytest -n 2`, the README's command) they all
+# run on one worker, one test after another, while the unit tests run on the other: two local Rays
+# on one machine would fight over ports (Serve's 8000), and the cluster test's `ray stop` stops
+# every Ray on the host. The controller schedules by test id, without the marks, hence a list.
+RAY_TEST_FILES = frozenset({"test_cluster_cli.py", "test_gpu.py", "test_http.py", "test_pipeline_e2e.py",
+                            "test_placement.py", "test_search_e2e.py", "test_search_tune.py", "test_storage.py",
+                            "test_training_e2e.py"})
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("e2e") and item.path.name not in RAY_TEST_FILES:
+        pytest.fail(f"{item.path.name} has tests marked e2e (they start Ray): add it to RAY_TEST_FILES in "
+                    "tests/conftest.py", pytrace=False)
+
+
+class RayTestsApart:
+    """pytest-xdist's scheduler hook (registered only where xdist is installed)."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":  # `-n N` alone; an explicit --dist is left to xdist
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduling(LoadScopeScheduling):
+            """Every test its own unit, except one unit of all the Ray tests (it goes out first, the
+            largest unit: the suite's critical path)."""
+
+            def _split_scope(self, nodeid: str) -> str:
+                return "ray" if nodeid.split("::")[0].rsplit("/", 1)[-1] in RAY_TEST_FILES else nodeid
+
+        return Scheduling(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(RayTestsApart())
+
 
 def start_local_ray(**kwargs) -> None:
     """The local Ray every end-to-end test runs on: the 2 CPUs of this machine, quiet."""

@@ -153,5 +153,6 @@ def pipeline_then_endpoint(tiny_causal, tmp_path, gpu: bool = True) -> None:
         ray.shutdown()
 
 
+@pytest.mark.e2e
 def test_pipeline_and_endpoint_on_gpu_fractions(tiny_causal, tmp_path):
     pipeline_then_endpoint(tiny_causal, tmp_path)
