@@ -46,13 +46,19 @@ def prepare_run_dir(cfg: ExperimentConfig) -> RunDir:
     return run_dir
 
 
+def joins_a_cluster() -> bool:
+    """Whether the job joins a running Ray (RAY_ADDRESS, which `ray job submit` sets) rather than
+    starting its own on this machine."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def connect_ray() -> bool:
     """Join RAY_ADDRESS if set, else start a local Ray; returns True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it; the job's runtime_env applies
+    if joins_a_cluster():  # the job's runtime_env applies
         ray.init()
         return False
     ray.init(dashboard_host="127.0.0.1", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

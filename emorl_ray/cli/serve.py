@@ -10,12 +10,12 @@ Binds to 127.0.0.1 unless `serving.host` (or --host) says otherwise. Ctrl-C stop
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import time
 
 from emorl_ray.config import ConfigError
+from emorl_ray.pipeline import connect_ray, joins_a_cluster
 
 
 class UsageError(Exception):
@@ -49,7 +49,7 @@ def _what_to_serve(args):
         cfg = run_dir.load_config(overrides)
     except ConfigError as e:
         raise UsageError(f"config error: {e}") from None
-    if not os.environ.get("RAY_ADDRESS"):  # we start a local Ray, so Serve's proxy listens on this machine
+    if not joins_a_cluster():  # we start a local Ray, so Serve's proxy listens on this machine
         check_can_listen(cfg.serving.host, cfg.serving.port)
     try:
         adapters = ensemble_adapters(cfg, run_dir.runs())
@@ -84,7 +84,6 @@ def main(argv=None) -> int:
     from ray import serve
 
     from emorl_ray.ensemble.http import deploy_http
-    from emorl_ray.pipeline import connect_ray
 
     connect_ray()
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
