@@ -53,6 +53,15 @@ def pytest_configure(config):
         config.pluginmanager.register(RayTestsApart())
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_local_ray(**kwargs) -> None:
     """The local Ray every end-to-end test runs on: the 2 CPUs of this machine, quiet."""
     import ray

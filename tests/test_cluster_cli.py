@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,19 +23,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_raw_config
+from conftest import free_port, tiny_raw_config
 
 from emorl_ray import storage
 from emorl_ray.rundir import RunDir
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _raylet_pids(temp_dir: str) -> list[int]:
@@ -67,7 +60,7 @@ def cli_cluster(s3_server):
     # Short paths: Ray's Unix sockets live under the temp dir and have a ~107-byte limit.
     temps = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp"),
              tempfile.mkdtemp(prefix="rw", dir="/tmp")]
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
 
     def start(*args):
         subprocess.run([ray_cli, "start", *args], env=env, check=True, capture_output=True, timeout=180)

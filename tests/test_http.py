@@ -1,7 +1,6 @@
 """The HTTP ensemble endpoint: request validation, and a real Serve HTTP round trip."""
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -97,12 +96,6 @@ def test_bad_openai_requests_get_openai_errors(body, status, param, words):
     assert err["type"] == "invalid_request_error"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, data: bytes):
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     try:
@@ -115,7 +108,7 @@ def _post(url, data: bytes):
 @pytest.mark.e2e
 def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_path):
     import ray
-    from conftest import start_local_ray, tiny_raw_config
+    from conftest import free_port, start_local_ray, tiny_raw_config
     from ray import serve
     from test_ensemble import _random_adapters
 
@@ -123,7 +116,7 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
     from emorl_ray.ensemble.http import deploy_http
 
     raw = tiny_raw_config(tiny_causal, tmp_path / "runs")
-    port = _free_port()
+    port = free_port()
     raw["serving"] = {"port": port, "num_cpus": 0.5, "max_prompts": 4, "max_new_tokens": 8}
     cfg = parse_config(raw)
     _, adapters = _random_adapters(tiny_causal, tmp_path, names=("overlap", "brevity"))

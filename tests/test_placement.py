@@ -2,13 +2,12 @@
 scheduling on one machine with `ray.cluster_utils.Cluster` (fake nodes with custom resources)."""
 
 import json
-import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import tiny_raw_config
+from conftest import free_port, tiny_raw_config
 
 from emorl_ray.config import ConfigError, load_config, parse_config
 from emorl_ray.placement import check_fits, resource_requests
@@ -116,9 +115,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
     from emorl_ray.rewards.serve import deploy_scorers
     from emorl_ray.training.launch import single_objective_jobs, train_runs
 
-    with socket.socket() as s:  # the state API needs the dashboard; any free port, not 8265
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # the state API needs the dashboard; any free port, not 8265
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1", "dashboard_port": port})
     trainer_nodes = [cluster.add_node(num_cpus=1, resources={"trainer_node": 1}) for _ in range(2)]
