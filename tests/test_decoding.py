@@ -105,3 +105,18 @@ def test_a_trailing_stop_check_changes_no_token(how, tiny_causal, monkeypatch):
     assert at_once.ended.all() and len(set(lengths)) == 2 and at_once.ids.shape[1] == max(lengths) < 16
     for field in ("ids", "mask", "ended", "logprobs"):
         assert torch.equal(getattr(trailing, field), getattr(at_once, field)), field
+
+
+@pytest.mark.parametrize("decode_step", ["eager", "static"])
+def test_a_decode_of_t_tokens_runs_the_decoder_t_times(decode_step, tiny_causal):
+    """The prompt pass, then one step per token after the first: no pass for a token past the budget."""
+    policy = EndingAt(ModelConfig(id=tiny_causal, use_chat_template=False, decode_step=decode_step), eos=-1)
+    model = policy.model.eval()
+    calls = []
+    handle = model.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = decode(policy, model, PROMPTS[:2], 7)
+    finally:
+        handle.remove()
+    assert out.ids.shape == (2, 7) and not out.ended.any()
+    assert len(calls) == 7

@@ -196,7 +196,7 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
                     raise ValueError("the prefilled blocks do not match the prompts being decoded")
                 past = None if static is not None else prefilled.cache(model.config)
                 h = prefilled.last_hidden
-        for _ in range(max_new_tokens):
+        for t in range(max_new_tokens):
             # `linear`, not head(): the capture hook sits on head's forward.
             logits, step_temperature = _next_logits(h, w, head, aggregation, temperature)
             how = {} if sampling is None else dict(temperature=step_temperature, top_k=sampling.top_k,
@@ -211,6 +211,8 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
             if stop.all_finished(finished):  # the one host sync per token
                 # the last `lag` steps came after the longest row's end: padding only
                 del tokens[len(tokens) - stop.lag:], logprobs[len(logprobs) - stop.lag:]
+                break
+            if t == max_new_tokens - 1:  # no forward pass for a token that will not be chosen
                 break
             step = nxt.repeat(K).unsqueeze(1)
             if static is not None:
