@@ -108,11 +108,16 @@ def _pack(units: list[tuple[str, dict]], nodes: list[dict[str, float]]) -> str |
     return None
 
 
+def _schedulable(nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The nodes' resources that requests name (not Ray's per-node markers, memory or object store)."""
+    return [{k: v for k, v in n.items() if not k.startswith(("node:", "object_store", "memory"))} for n in nodes]
+
+
 def check_fits(requests: list[tuple[str, dict, int]], nodes: list[dict[str, float]],
                where: str = "this cluster") -> dict[str, str]:
     """Raise ConfigError naming the request that cannot fit: alone on any node, or beside what
     must run with it. `nodes`: each node's total resources (live, or startable by the autoscaler)."""
-    nodes = [{k: v for k, v in n.items() if not k.startswith(("node:", "object_store", "memory"))} for n in nodes]
+    nodes = _schedulable(nodes)
     offered = "; ".join(_show(n) for n in nodes[:8]) + (f"; ... ({len(nodes)} nodes)" if len(nodes) > 8 else "")
     offered = offered or "none"
     for field, req, units in requests:
@@ -136,6 +141,19 @@ def check_fits(requests: list[tuple[str, dict, int]], nodes: list[dict[str, floa
                               "the whole job). Lower the requests, or add nodes")
         verdict[phase] = "fits"
     return verdict
+
+
+def trainers_at_once(requests: list[tuple[str, dict, int]], nodes: list[dict[str, float]], most: int) -> int:
+    """How many trainers (each all its workers) fit beside the scorers on `nodes` at the same
+    time, up to `most`: the rest of a job's runs wait for one of these to finish (or for nodes
+    the autoscaler adds). First-fit decreasing, like `check_fits`."""
+    scorers = [(f, r) for f, r, n in requests if f.startswith("objectives.") for _ in range(n)]
+    trainer = [(f, r) for f, r, n in requests if f == "training.scaling" for _ in range(n)]
+    nodes = _schedulable(nodes)
+    fit = 0
+    while fit < most and _pack(scorers + trainer * (fit + 1), nodes) is None:
+        fit += 1
+    return fit
 
 
 def node_types(config: dict) -> list[tuple[str, dict[str, float], int]]:

@@ -2,6 +2,7 @@
 scheduling on one machine with `ray.cluster_utils.Cluster` (fake nodes with custom resources)."""
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,7 +11,7 @@ import yaml
 from conftest import free_port, tiny_raw_config
 
 from emorl_ray.config import ConfigError, load_config, parse_config
-from emorl_ray.placement import check_fits, resource_requests
+from emorl_ray.placement import check_fits, resource_requests, trainers_at_once
 from emorl_ray.rundir import RunDir
 
 NODES = [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 8.0, "trainer_node": 1.0}]
@@ -58,9 +59,26 @@ def test_what_runs_together_must_fit_together(tiny_causal, tmp_path):
             check_fits(requests, nodes)
         assert e.value.path in ("training.scaling", "objectives.overlap.scorer", "objectives.brevity.scorer")
     assert check_fits(requests, [one_gpu] * 3) == {"training": "fits", "search": "fits"}
+
     raw["search"]["evaluator_gpus"] = 1  # while searching: 2 scorers + the evaluator
     with pytest.raises(ConfigError, match="during search"):
         check_fits(resource_requests(parse_config(raw), training=False), [one_gpu] * 2 + [{"CPU": 4.0}])
+
+
+def test_how_many_trainers_fit_at_once_beside_the_scorers(tiny_causal, tmp_path):
+    """Trainers of two 1-GPU workers beside two 0.5-GPU scorers: on two 4-GPU nodes the scorers take
+    one GPU of eight, which leaves room for three trainers; on one node for one; never more than
+    asked, none where a trainer cannot fit at all. Ray's own keys (memory, node:IP) are ignored."""
+    raw = tiny_raw_config(tiny_causal, tmp_path)
+    raw["training"]["scaling"].update(use_gpu=True, gpus_per_worker=1, num_workers=2)
+    for o in raw["objectives"].values():
+        o["scorer"]["num_gpus"] = 0.5
+    requests = resource_requests(parse_config(raw))
+    node = {"CPU": 8.0, "GPU": 4.0, "memory": 1e10, "node:10.0.0.1": 1.0}
+    assert trainers_at_once(requests, [node, node], 10) == 3
+    assert trainers_at_once(requests, [node, node], 2) == 2
+    assert trainers_at_once(requests, [node], 10) == 1
+    assert trainers_at_once(requests, [{"CPU": 8.0}], 10) == 0
 
 
 @pytest.mark.parametrize("manifest, gpu_nodes", [("cluster/aws-gpu.yaml", 4), ("cluster/gcp-gpu.yaml", 4),
@@ -103,9 +121,10 @@ def test_custom_resources_must_be_custom(tiny_causal, tmp_path):
 
 
 @pytest.mark.e2e
-def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
+def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path, caplog):
     """Head + two trainer nodes (one trainer slot each) + a scorer node: the two objectives train
-    on different nodes, the scorers run where configured, and an impossible request fails fast."""
+    on different nodes, the scorers run where configured, a third run would be said to wait, and an
+    impossible request fails fast."""
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -113,7 +132,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
 
     from emorl_ray.placement import check_cluster
     from emorl_ray.rewards.serve import deploy_scorers
-    from emorl_ray.training.launch import single_objective_jobs, train_runs
+    from emorl_ray.training.launch import log_queue, single_objective_jobs, train_runs
 
     port = free_port()  # the state API needs the dashboard; any free port, not 8265
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
@@ -128,6 +147,11 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
             o["scorer"]["resources"] = {"scorer_node": 0.1}
         cfg = parse_config(raw)
         check_cluster(cfg)
+        jobs = single_objective_jobs(cfg)
+        with caplog.at_level(logging.INFO, logger="emorl_ray.training.launch"):
+            assert log_queue(cfg, jobs) == 2 and "room for" not in caplog.text
+            assert log_queue(cfg, jobs + jobs[:1]) == 2
+        assert "training 3 runs; the live nodes have room for 2 at once beside the scorers" in caplog.text
 
         impossible = parse_config({**raw, "training": {**raw["training"], "scaling": {
             **raw["training"]["scaling"], "resources": {"trainer_node": 2}}}})
@@ -140,7 +164,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path):
                     if "emorl-scorer" in (a.class_name or "")]
         assert len(replicas) == 2 and {a.node_id for a in replicas} == {scorer_node.node_id}
 
-        manifests = train_runs(cfg, RunDir.at(tmp_path / "run"), single_objective_jobs(cfg))
+        manifests = train_runs(cfg, RunDir.at(tmp_path / "run"), jobs)
         where = {}
         for m in manifests:
             rows = [r for r in pq.read_table(m.metrics_path).to_pylist() if r["kind"] == "val"]
@@ -159,10 +183,6 @@ def test_the_one_gpu_node_config_fits_one_gpu_node_and_not_a_cpu_one(tiny_causal
     requests = resource_requests(cfg)
     node = {"CPU": 16.0, "GPU": 1.0}
     assert check_fits(requests, [node]) == {"training": "fits", "search": "fits"}
-    trainers = dict((f, r) for f, r, _ in requests)["training.scaling"]
-    scorers = sum(r.get("GPU", 0) * n for f, r, n in requests if f.startswith("objectives."))
-    assert len(cfg.objective_names) * trainers["GPU"] + scorers <= node["GPU"]
-    assert len(cfg.objective_names) * trainers["CPU"] + sum(
-        r["CPU"] * n for f, r, n in requests if f.startswith("objectives.")) <= node["CPU"]
+    assert trainers_at_once(requests, [node], 3) == len(cfg.objective_names)
     with pytest.raises(ConfigError, match="no node"):
         check_fits(requests, [{"CPU": 16.0}])

@@ -2,7 +2,8 @@
 
 The runs are EMORL's single-objective ones, one per (objective, seed), and the single-policy
 baselines (Uniform, DynaOpt) per seed. Ray starts each trainer as soon as the cluster has room for
-it, so more runs than fit at once simply queue. A run is named `<objective or baseline>-s<seed>`;
+it, so more runs than fit at once simply queue (the job logs how many fit, and a queued trainer
+waits without Ray Train's once-a-minute timeout). A run is named `<objective or baseline>-s<seed>`;
 re-running with the same run directory resumes unfinished
 runs from their last checkpoint (Train V2 finds them by `RunConfig(name, storage_path)`) and
 skips finished ones (their manifest exists).
@@ -11,6 +12,7 @@ skips finished ones (their manifest exists).
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,13 @@ from emorl_ray.rundir import RunDir, RunManifest
 log = logging.getLogger(__name__)
 
 PROCESS_GROUP_ATTEMPTS = 3
+# How long a trainer waits for its workers' resources before Ray Train gives up on that request
+# and makes it again. Its default, 60 s, suits a cluster that is scaling up; a run queued behind
+# others waits for them to finish, and at 60 s its controller logs a traceback
+# (WorkerGroupStartupTimeoutError, "RETRY") into the job's output every minute until then,
+# with retries unlimited either way. The variable, if set, wins; Ray Train passes it on from the driver.
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+QUEUED_TRAINER_WAIT_S = 24 * 3600
 
 
 @dataclass
@@ -125,9 +134,28 @@ def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | Non
     return manifest
 
 
+def log_queue(cfg: ExperimentConfig, jobs: list[TrainJob]) -> int:
+    """Say how many of `jobs` the live nodes can train at once beside the scorers; returns that number."""
+    import ray
+
+    from emorl_ray.placement import resource_requests, trainers_at_once
+
+    objectives = sorted({o for j in jobs for o in j.reward_weights})
+    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    at_once = trainers_at_once(resource_requests(cfg, objectives), live, len(jobs))
+    if at_once < len(jobs):
+        log.info("training %d runs; the live nodes have room for %d at once beside the scorers: the others "
+                 "wait for one to finish (or for nodes the autoscaler adds)", len(jobs), at_once)
+    return at_once
+
+
 def train_runs(cfg: ExperimentConfig, run_dir: RunDir, jobs: list[TrainJob]) -> list[RunManifest]:
     """Fit every job concurrently (one driver thread each; `fit()` blocks on its own trainer) and
     add them to the run directory's `training/manifest.json`, which the later stages read."""
+    todo = [j for j in jobs if run_dir.read_run(j.run_name) is None]
+    if todo:
+        log_queue(cfg, todo)
+    os.environ.setdefault(START_TIMEOUT_VAR, str(QUEUED_TRAINER_WAIT_S))
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [pool.submit(fit, cfg, run_dir, job) for job in jobs]
         manifests = [f.result() for f in futures]
