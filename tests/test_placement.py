@@ -59,7 +59,6 @@ def test_what_runs_together_must_fit_together(tiny_causal, tmp_path):
             check_fits(requests, nodes)
         assert e.value.path in ("training.scaling", "objectives.overlap.scorer", "objectives.brevity.scorer")
     assert check_fits(requests, [one_gpu] * 3) == {"training": "fits", "search": "fits"}
-
     raw["search"]["evaluator_gpus"] = 1  # while searching: 2 scorers + the evaluator
     with pytest.raises(ConfigError, match="during search"):
         check_fits(resource_requests(parse_config(raw), training=False), [one_gpu] * 2 + [{"CPU": 4.0}])
