@@ -25,9 +25,10 @@ compiles C++ for about a minute per shape).
 Each row also gives, for (a), (a') and (b), the fraction of the memory-bandwidth bound reached: a step
 cannot be faster than reading every weight and the KV cache once at the bandwidth of a measured
 device-to-device copy, and it emits one token per prompt.
-Writes bench/results/ensemble_decode-<model>-<device>.json, prints a table, and prints as its last
-line one JSON object with `speedup_vs_reference` ((b)/(c)), `ratio_vs_single` ((b)/(a)) and, where
-(a') ran, `ratio_vs_compiled_single` ((b)/(a')), all at the largest batch. The table's column
+Writes bench/results/ensemble_decode-<model>-<device>.json (after every batch, with `complete`
+true once all are measured), prints a table, and prints as its last line one JSON object with
+`speedup_vs_reference` ((b)/(c)), `ratio_vs_single` ((b)/(a)) and, where (a') ran,
+`ratio_vs_compiled_single` ((b)/(a')), all at the largest batch. The table's column
 (a)/(c) is the (b)/(c) that an ensemble decoding exactly as fast as one adapter alone would reach.
 """
 
@@ -214,6 +215,14 @@ def main() -> int:
     prompt_tokens = int(policy.encode(prompts_all[:1])["input_ids"].shape[1])
     bandwidth = copy_bandwidth(args.device)
     rows = []
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    result = {"command": " ".join(["python"] + sys.argv), "model": args.model, "device": args.device,
+              "device_name": dev_name, "dtype": args.dtype, "k": args.k, "decode_step": args.decode_step,
+              "new_tokens": N, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,
+              "copy_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows, "complete": False}
+    out = ROOT / "bench" / "results" / f"ensemble_decode-{args.model.replace(':', '_')}-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for b in (int(x) for x in args.batches.split(",")):
         prompts = prompts_all[:b]
         row = {"batch": b}
@@ -250,14 +259,11 @@ def main() -> int:
             # (a)/(c): the (b)/(c) of an ensemble exactly as fast as one adapter alone.
             row["single_vs_reference"] = round(row["single_tok_s"] / row["reference_tok_s"], 2)
         rows.append(row)
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    result = {"command": " ".join(["python"] + sys.argv), "model": args.model, "device": args.device,
-              "device_name": dev_name, "dtype": args.dtype, "k": args.k, "decode_step": args.decode_step,
-              "new_tokens": N, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,
-              "copy_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}
-    out = ROOT / "bench" / "results" / f"ensemble_decode-{args.model.replace(':', '_')}-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+        # Each batch's row as soon as it is measured: a run cut short (a GPU lent for minutes, most
+        # of them compiling) still leaves the batches it finished, in the JSON and in its log.
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print("row", json.dumps(row), flush=True)
+    result["complete"] = True
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"model {args.model} on {args.device} ({dev_name}), {args.dtype}, K={args.k}, decode step "
           f"{args.decode_step}, {prompt_tokens}-token prompts, {N} new tokens, copy bandwidth "

@@ -175,8 +175,13 @@ def main(argv=None) -> int:
         policy = Policy(ModelConfig(id=path))
         prompts = prompts_for(policy, 64)
         del policy
-        results = {"ours (k-SCST)": ours(path, prompts, args), f"TRL {trl_pkg.__version__} RLOOTrainer": trl(
-            path, prompts, args, tmp)}
+        runs = {"ours (k-SCST)": lambda: ours(path, prompts, args),
+                f"TRL {trl_pkg.__version__} RLOOTrainer": lambda: trl(path, prompts, args, tmp)}
+        results = {}
+        for name, run in runs.items():
+            results[name] = run()
+            # as soon as measured: a run cut short (a GPU lent for minutes) still leaves ours' figure
+            print("measured", json.dumps({name: results[name]}), flush=True)
     a, b = results.values()
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     out = {"model": args.model, "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "batch": args.batch,
