@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from emorl_ray import storage
 from emorl_ray.config import LoraConfig, ModelConfig
 from emorl_ray.decoding.static import compile_counts, uncaptured
 from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
@@ -261,10 +262,10 @@ def main() -> int:
         rows.append(row)
         # Each batch's row as soon as it is measured: a run cut short (a GPU lent for minutes, most
         # of them compiling) still leaves the batches it finished, in the JSON and in its log.
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        storage.write_text(str(out), json.dumps(result, indent=2) + "\n")  # atomic: never half a file
         print("row", json.dumps(row), flush=True)
     result["complete"] = True
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    storage.write_text(str(out), json.dumps(result, indent=2) + "\n")
     print(f"model {args.model} on {args.device} ({dev_name}), {args.dtype}, K={args.k}, decode step "
           f"{args.decode_step}, {prompt_tokens}-token prompts, {N} new tokens, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")
