@@ -70,6 +70,7 @@ def run_trainer(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: li
 
     sc = cfg.training.scaling
     resources = trainer_worker_request(sc)
+    os.environ.setdefault(START_TIMEOUT_VAR, str(QUEUED_TRAINER_WAIT_S))  # read by trainer.fit()
     for attempt in range(1, PROCESS_GROUP_ATTEMPTS + 1):
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -93,17 +94,27 @@ def run_trainer(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: li
                         job.run_name, attempt)
 
 
+def trained(run_dir: RunDir, job: TrainJob) -> RunManifest | None:
+    """The job's manifest if an earlier run of the experiment finished it (then it is skipped)."""
+    done = run_dir.read_run(job.run_name)
+    if done is not None:
+        log.info("[%s] already trained (%s); skipping", job.run_name, run_dir.run_manifest(job.run_name))
+    return done
+
+
 def fit(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | None = None) -> RunManifest:
-    """Run (or resume) one trainer to the end and write its adapter, metrics and manifest.
-    `hooks`: called by every worker before every step (`training.loop.SCSTRecipe`); tests only."""
+    """Run (or resume) one trainer to the end and write its adapter, metrics and manifest; a
+    finished job is skipped. `hooks`: called by every worker before every step
+    (`training.loop.SCSTRecipe`); tests only."""
+    done = trained(run_dir, job)
+    return done if done is not None else _train(cfg, run_dir, job, hooks)
+
+
+def _train(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | None = None) -> RunManifest:
     from ray.train import Checkpoint
 
     from emorl_ray.training.checkpoint import ADAPTER_DIR, FULL_MODEL_DIR, read_state
 
-    done = run_dir.read_run(job.run_name)
-    if done is not None:
-        log.info("[%s] already trained (%s); skipping", job.run_name, run_dir.run_manifest(job.run_name))
-        return done
     result = run_trainer(cfg, run_dir, job, hooks)
     ckpt: Checkpoint = result.checkpoint
     if ckpt is None:
@@ -150,18 +161,19 @@ def log_queue(cfg: ExperimentConfig, jobs: list[TrainJob]) -> int:
 
 
 def train_runs(cfg: ExperimentConfig, run_dir: RunDir, jobs: list[TrainJob]) -> list[RunManifest]:
-    """Fit every job concurrently (one driver thread each; `fit()` blocks on its own trainer) and
-    add them to the run directory's `training/manifest.json`, which the later stages read."""
-    todo = [j for j in jobs if run_dir.read_run(j.run_name) is None]
+    """Train every unfinished job concurrently (one driver thread each, blocked on its own trainer)
+    and add them all to the run directory's `training/manifest.json`, which the later stages read."""
+    by_run = {j.run_name: trained(run_dir, j) for j in jobs}
+    todo = [j for j in jobs if by_run[j.run_name] is None]
     if todo:
         log_queue(cfg, todo)
-    os.environ.setdefault(START_TIMEOUT_VAR, str(QUEUED_TRAINER_WAIT_S))
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = [pool.submit(fit, cfg, run_dir, job) for job in jobs]
-        manifests = [f.result() for f in futures]
-    done = {(m.name, m.seed) for m in manifests}
+        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            futures = [pool.submit(_train, cfg, run_dir, j) for j in todo]
+            by_run.update((j.run_name, f.result()) for j, f in zip(todo, futures))
+    manifests = [by_run[j.run_name] for j in jobs]
+    these = {(m.name, m.seed) for m in manifests}
     earlier = run_dir.runs() if storage.is_file(run_dir.manifest) else []
-    runs = [m for m in earlier if (m.name, m.seed) not in done] + manifests
+    runs = [m for m in earlier if (m.name, m.seed) not in these] + manifests
     run_dir.write_runs(runs)
     return runs
 
