@@ -12,11 +12,13 @@ The nodes are the live ones plus, on an autoscaling cluster, the nodes its autos
 the node types of the Ray cluster launcher's config (on the head at ~/ray_bootstrap_config.yaml,
 or named by `autoscaler_config`), or of a KubeRay RayCluster manifest, each up to its max count.
 
-Once placed, a process keeps to what it reserved: `use_reserved_cpus` sizes torch's thread pool.
+Where GPUs are asked for, the torch on each live GPU node must be able to use them (a CUDA or
+ROCm build). Once placed, a process keeps to what it reserved: `use_reserved_cpus` sizes torch's thread pool.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -25,6 +27,8 @@ from pathlib import Path
 import yaml
 
 from emorl_ray.config import ConfigError, ExperimentConfig, ScalingConfig
+
+log = logging.getLogger(__name__)
 
 # Where `ray up` leaves the cluster's launcher config on the head node (the autoscaler reads it).
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -213,8 +217,50 @@ def autoscaler_nodes(path: str | None) -> tuple[list[dict[str, float]], str | No
     return nodes, path
 
 
+def torch_build() -> dict:
+    """The torch this process imports, and what it was built for (no device needed to tell)."""
+    import torch
+
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)}
+
+
+def check_gpu_torch(requests: list[tuple[str, dict, int]], timeout_s: float = 120.0) -> dict[str, str]:
+    """Where the job asks for GPUs: the torch on every live GPU node must be a CUDA (or ROCm) build.
+    A CPU wheel there (a CPU index's pick, or an install that replaced the node's torch) fails
+    only once the scorers are up and the trainers started, in each process's `.to("cuda")`. One
+    probe per node asks no CPU or GPU, so a busy node still answers at once. Returns each GPU
+    node's torch."""
+    field = next((f for f, req, _ in requests if req.get("GPU")), None)
+    if field is None:
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU")]
+    if not nodes:  # none up yet: the autoscaler's GPU nodes start later, unprobed
+        return {}
+    probe = ray.remote(num_cpus=0)(torch_build)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out = {}
+    for n, ref in zip(nodes, refs):
+        where = f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})"
+        if ref not in ready:
+            log.warning("GPU node %s did not say which torch it has within %.0f s; not checked", where, timeout_s)
+            continue
+        b = ray.get(ref)
+        if not (b["cuda"] or b["hip"]):
+            raise ConfigError(field, f"asks for GPUs, but the torch on GPU node {where} is {b['torch']}, a CPU "
+                              "build; install a CUDA build of torch there (the README's Quick start says how), "
+                              "or ask for no GPUs")
+        out[where] = f"{b['torch']} (CUDA {b['cuda']})" if b["cuda"] else f"{b['torch']} (ROCm {b['hip']})"
+    return out
+
+
 def check_cluster(cfg: ExperimentConfig, objectives: list[str] | None = None, training: bool = True) -> dict:
-    """check_fits against the live Ray cluster plus what its autoscaler may start (call after connecting)."""
+    """check_fits against the live Ray cluster plus what its autoscaler may start, then the torch
+    on its GPU nodes where GPUs are asked for (call after connecting)."""
     if not cfg.check_resources:
         return {"checked": False}
     import ray
@@ -222,6 +268,8 @@ def check_cluster(cfg: ExperimentConfig, objectives: list[str] | None = None, tr
     live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     extra, source = autoscaler_nodes(cfg.autoscaler_config)
     where = "this cluster" if not extra else f"this cluster with the nodes its autoscaler may start ({source})"
-    verdict = check_fits(resource_requests(cfg, objectives, training), live + extra, where)
+    requests = resource_requests(cfg, objectives, training)
+    verdict = check_fits(requests, live + extra, where)
+    gpu_torch = check_gpu_torch(requests)
     return {"checked": True, "live_nodes": len(live), "autoscaler_nodes": len(extra), "autoscaler_config": source,
-            **verdict}
+            **verdict, **({"gpu_torch": gpu_torch} if gpu_torch else {})}

@@ -3,10 +3,12 @@ scheduling on one machine with `ray.cluster_utils.Cluster` (fake nodes with cust
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from conftest import free_port, tiny_raw_config
 
@@ -121,9 +123,10 @@ def test_custom_resources_must_be_custom(tiny_causal, tmp_path):
 
 @pytest.mark.e2e
 def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path, caplog):
-    """Head + two trainer nodes (one trainer slot each) + a scorer node: the two objectives train
-    on different nodes, the scorers run where configured, a third run would be said to wait, and an
-    impossible request fails fast."""
+    """Head + two trainer nodes (one trainer slot each) + a scorer node + a node that claims a GPU:
+    the two objectives train on different nodes, the scorers run where configured, a third run would
+    be said to wait, an impossible request fails fast, and so does a GPU request where the GPU
+    node's torch is a CPU build (this machine's)."""
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -138,6 +141,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path, caplog):
                                                             "dashboard_host": "127.0.0.1", "dashboard_port": port})
     trainer_nodes = [cluster.add_node(num_cpus=1, resources={"trainer_node": 1}) for _ in range(2)]
     scorer_node = cluster.add_node(num_cpus=1, resources={"scorer_node": 1})
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
     try:
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         raw = tiny_raw_config(tiny_causal, tmp_path / "runs", max_steps=2, val_every=2)
@@ -156,6 +160,12 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path, caplog):
             **raw["training"]["scaling"], "resources": {"trainer_node": 2}}}})
         with pytest.raises(ConfigError, match="training.scaling: one unit asks for .*trainer_node: 2"):
             check_cluster(impossible)
+        assert "gpu_torch" not in check_cluster(cfg)  # no GPU asked for: no node probed
+        on_gpu = parse_config({**raw, "training": {**raw["training"], "scaling": {
+            **raw["training"]["scaling"], "use_gpu": True, "gpus_per_worker": 0.5, "resources": {}}}})
+        with pytest.raises(ConfigError, match=r"training.scaling: asks for GPUs, but the torch on GPU node "
+                           rf".*node {gpu_node.node_id[:8]}\) is {re.escape(torch.__version__)}, a CPU build"):
+            check_cluster(on_gpu)
 
         serve.start(http_options={"host": "127.0.0.1"})
         deploy_scorers(cfg)
