@@ -6,7 +6,9 @@ time fits on the cluster's nodes together:
 
 - training: every scorer replica (they stay up for the whole job) beside one trainer's workers
   (more trainers than fit simply queue);
-- search and evaluation: the scorers, the evaluator replicas and one Tune trial.
+- search and evaluation: the scorers, the evaluator replicas and one Tune trial;
+- serving (`emorl serve`, checked before it deploys): every endpoint replica, beside the scorers
+  where the bandit learns from them.
 
 The nodes are the live ones plus, on an autoscaling cluster, the nodes its autoscaler may start:
 the node types of the Ray cluster launcher's config (on the head at ~/ray_bootstrap_config.yaml,
@@ -65,14 +67,20 @@ def _show(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(d.items())) + "}"
 
 
-def resource_requests(cfg: ExperimentConfig, objectives: list[str] | None = None,
-                      training: bool = True) -> list[tuple[str, dict, int]]:
-    """(config field, resources of one unit, units needed at once) for everything the job starts."""
+def scorer_requests(cfg: ExperimentConfig, objectives: list[str] | None = None) -> list[tuple[str, dict, int]]:
+    """(config field, resources of one replica, replicas) of each objective's scorer."""
     out = []
     for o in objectives or cfg.objective_names:
         sc = cfg.objectives[o].scorer
         out.append((f"objectives.{o}.scorer", _nonzero({"CPU": sc.num_cpus, "GPU": sc.num_gpus, **sc.resources}),
                     sc.num_replicas))
+    return out
+
+
+def resource_requests(cfg: ExperimentConfig, objectives: list[str] | None = None,
+                      training: bool = True) -> list[tuple[str, dict, int]]:
+    """(config field, resources of one unit, units needed at once) for everything the job starts."""
+    out = scorer_requests(cfg, objectives)
     if training:
         sc = cfg.training.scaling
         out.append(("training.scaling", _nonzero(trainer_worker_request(sc)), sc.num_workers))
@@ -83,16 +91,26 @@ def resource_requests(cfg: ExperimentConfig, objectives: list[str] | None = None
     return out
 
 
+def serving_requests(cfg: ExperimentConfig, with_scorers: bool) -> list[tuple[str, dict, int]]:
+    """What `emorl serve` starts: the endpoint's replicas, and the scorers where the bandit learns from them."""
+    sv = cfg.serving
+    return ((scorer_requests(cfg) if with_scorers else [])
+            + [("serving", _nonzero({"CPU": sv.num_cpus, "GPU": sv.num_gpus}), sv.num_replicas)])
+
+
 def phases(requests: list[tuple[str, dict, int]]) -> dict[str, list[tuple[str, dict, int]]]:
     """What must run at the same time: the scorers throughout, one trainer while training, the
-    evaluator and one trial while searching."""
+    evaluator and one trial while searching, every endpoint replica while serving."""
     scorers = [r for r in requests if r[0].startswith("objectives.")]
     by_field = {r[0]: r for r in requests}
     out = {}
     if "training.scaling" in by_field:
         out["training"] = scorers + [by_field["training.scaling"]]
-    field, req, _ = by_field["search.trial_cpus"]
-    out["search"] = scorers + [by_field["search.evaluator_*"], (field, req, 1)]
+    if "search.trial_cpus" in by_field:
+        field, req, _ = by_field["search.trial_cpus"]
+        out["search"] = scorers + [by_field["search.evaluator_*"], (field, req, 1)]
+    if "serving" in by_field:
+        out["serving"] = scorers + [by_field["serving"]]
     return out
 
 
@@ -259,6 +277,16 @@ def check_gpu_torch(requests: list[tuple[str, dict, int]], timeout_s: float = 12
 
 
 def check_cluster(cfg: ExperimentConfig, objectives: list[str] | None = None, training: bool = True) -> dict:
+    """The job's requests against the cluster (`check_requests`)."""
+    return check_requests(cfg, resource_requests(cfg, objectives, training))
+
+
+def check_serving(cfg: ExperimentConfig, with_scorers: bool) -> dict:
+    """`emorl serve`'s requests against the cluster (`check_requests`)."""
+    return check_requests(cfg, serving_requests(cfg, with_scorers))
+
+
+def check_requests(cfg: ExperimentConfig, requests: list[tuple[str, dict, int]]) -> dict:
     """check_fits against the live Ray cluster plus what its autoscaler may start, then the torch
     on its GPU nodes where GPUs are asked for (call after connecting)."""
     if not cfg.check_resources:
@@ -268,7 +296,6 @@ def check_cluster(cfg: ExperimentConfig, objectives: list[str] | None = None, tr
     live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     extra, source = autoscaler_nodes(cfg.autoscaler_config)
     where = "this cluster" if not extra else f"this cluster with the nodes its autoscaler may start ({source})"
-    requests = resource_requests(cfg, objectives, training)
     verdict = check_fits(requests, live + extra, where)
     gpu_torch = check_gpu_torch(requests)
     return {"checked": True, "live_nodes": len(live), "autoscaler_nodes": len(extra), "autoscaler_config": source,

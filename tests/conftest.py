@@ -130,6 +130,26 @@ def tiny_raw_config(model_dir, output_dir, **training) -> dict:
     }
 
 
+def stub_finished_run(model_dir, tmp_path, serving: dict | None = None):
+    """A run directory with its config and a training manifest (adapter paths that hold nothing):
+    enough for the `emorl serve` checks that come before anything is loaded. Returns it."""
+    import yaml
+
+    from emorl_ray import storage
+    from emorl_ray.rundir import RunManifest
+
+    raw = tiny_raw_config(model_dir, tmp_path / "runs")
+    raw["serving"] = serving or {}
+    cfg = parse_config(raw)
+    run_dir = cfg.run_dir
+    storage.write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run_dir.write_runs([RunManifest(name=o, seed=0, method="single", reward_weights={o: 1.0}, lora=True, steps=1,
+                                    data_points=2, train_seconds=1.0, converged=False, trained_steps=1,
+                                    trained_data_points=2, final_val_score=None, metrics_path="", ray_checkpoint="",
+                                    adapter_path=str(tmp_path / o)) for o in cfg.objective_names])
+    return run_dir
+
+
 @pytest.fixture
 def tiny_config(tiny_causal, tmp_path):
     return parse_config(tiny_raw_config(tiny_causal, tmp_path / "runs"))

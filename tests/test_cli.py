@@ -37,20 +37,9 @@ def test_serve_refuses_a_port_in_use_before_starting_ray(tiny_causal, tmp_path):
     import os
     import socket
 
-    import yaml
-    from conftest import tiny_raw_config
+    from conftest import stub_finished_run
 
-    from emorl_ray import storage
-    from emorl_ray.config import parse_config
-    from emorl_ray.rundir import RunManifest
-
-    cfg = parse_config(tiny_raw_config(tiny_causal, tmp_path / "runs"))
-    run_dir = cfg.run_dir
-    storage.write_text(run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run_dir.write_runs([RunManifest(name=o, seed=0, method="single", reward_weights={o: 1.0}, lora=True, steps=1,
-                                    data_points=2, train_seconds=1.0, converged=False, trained_steps=1,
-                                    trained_data_points=2, final_val_score=None, metrics_path="", ray_checkpoint="",
-                                    adapter_path=str(tmp_path / o)) for o in cfg.objective_names])
+    run_dir = stub_finished_run(tiny_causal, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with socket.create_server(("127.0.0.1", 0)) as held:
         port = held.getsockname()[1]
@@ -59,3 +48,16 @@ def test_serve_refuses_a_port_in_use_before_starting_ray(tiny_causal, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use); pass --port" in out.stderr
     assert "Ray" not in out.stderr  # refused before a local Ray was started
+
+
+def test_serve_changes_only_how_the_run_is_served(tiny_causal, tmp_path):
+    from conftest import stub_finished_run
+
+    run_dir = stub_finished_run(tiny_causal, tmp_path)
+    for bad, words in ((["--set", "model.id=gpt2"], "--set model.id: emorl serve changes only how the run is served"),
+                       (["--set", "objectives.overlap.scorer.function=os:getcwd"], "--set objectives.overlap.scorer"),
+                       (["--set", "serving.num_gpus"], "--set 'serving.num_gpus': expected KEY=VALUE"),
+                       (["--set", "serving.num_gpus=-1"], "serving.num_gpus")):
+        out = _run(EMORL, "serve", "--run-dir", run_dir.location, *bad)
+        assert out.returncode == 2 and words in out.stderr, (bad, out.stderr[-2000:])
+        assert "Ray" not in out.stderr

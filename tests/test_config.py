@@ -86,6 +86,8 @@ def _bad(tiny_causal, tmp_path, mutate):
     (lambda r: r["training"].update(keep_checkpoints=0), "training.keep_checkpoints", ">= 1"),
     (lambda r: r["model"].update(decode_step="cuda_graph"), "model.decode_step", "one of"),
     (lambda r: r["model"].update(kind="seq2seq", decode_step="graph"), "model.decode_step", "decoder-only"),
+    (lambda r: r["search"].update(evaluator_gpus=-0.25), "search.evaluator_gpus", ">= 0"),
+    (lambda r: r.update(serving={"num_gpus": -1}), "serving.num_gpus", ">= 0"),
 ])
 def test_bad_config_names_the_field(tiny_causal, tmp_path, mutate, path, words):
     err = _bad(tiny_causal, tmp_path, mutate)

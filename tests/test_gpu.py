@@ -115,9 +115,9 @@ def pipeline_then_endpoint(tiny_causal, tmp_path, gpu: bool = True) -> None:
     from pathlib import Path
 
     import ray
-    from conftest import tiny_raw_config
+    from conftest import free_port, tiny_raw_config
     from ray import serve
-    from test_http import _free_port, _post
+    from test_http import _post
 
     from emorl_ray.config import parse_config
     from emorl_ray.ensemble.http import deploy_http
@@ -130,7 +130,7 @@ def pipeline_then_endpoint(tiny_causal, tmp_path, gpu: bool = True) -> None:
     raw["search"]["evaluator_gpus"] = fraction
     for objective in raw["objectives"].values():
         objective["scorer"]["num_gpus"] = fraction / 4
-    port = _free_port()
+    port = free_port()
     raw["serving"] = {"port": port, "num_cpus": 0.2, "num_gpus": fraction, "max_new_tokens": 8}
     cfg = parse_config(raw)
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)

@@ -207,3 +207,48 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
             client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     finally:
         ray.shutdown()
+
+
+@pytest.mark.e2e
+def test_emorl_serve_refuses_what_cannot_be_placed_then_serves_the_run(tiny_causal, tmp_path):
+    """The `emorl serve` command on a local Ray it starts: a replica that no node can hold is
+    refused with its field (Serve would wait for it forever), and the run is served once
+    `--set` asks for what this machine has."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from conftest import free_port, stub_finished_run
+    from test_ensemble import _random_adapters
+
+    port = free_port()
+    run_dir = stub_finished_run(tiny_causal, tmp_path, serving={"port": port, "num_gpus": 1, "max_new_tokens": 8})
+    _random_adapters(tiny_causal, tmp_path, names=("overlap", "brevity"))  # where the stub's manifest points
+    emorl = [str(Path(sys.executable).parent / "emorl"), "serve", "--run-dir", run_dir.location]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(emorl, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "config error: serving: one unit asks for {CPU: 1, GPU: 1}, but no node of this cluster" in out.stderr
+
+    proc = subprocess.Popen(emorl + ["--set", "serving.num_gpus=0", "--set", "serving.num_cpus=0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    watchdog = threading.Timer(300, proc.kill)  # a deploy that hangs ends the read below
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:  # until it says where it serves (or exits)
+            lines.append(line)
+            if "serving at" in line:
+                break
+        assert f"serving at http://127.0.0.1:{port}/emorl/generate" in lines[-1], "".join(lines)[-3000:]
+        body = json.dumps({"prompts": ["I feel stuck at work"], "weights": [1, 1]}).encode()
+        status, answer = _post(f"http://127.0.0.1:{port}/emorl/generate", body)
+        assert status == 200 and len(answer["responses"]) == 1, answer
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: Serve and the local Ray go down
+        rc = proc.wait(timeout=120)
+    assert rc == 0

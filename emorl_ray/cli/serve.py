@@ -10,12 +10,18 @@ Binds to 127.0.0.1 unless `serving.host` (or --host) says otherwise. Ctrl-C stop
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import sys
 import time
 
+from emorl_ray.cli.args import parse_overrides
 from emorl_ray.config import ConfigError
 from emorl_ray.pipeline import connect_ray, joins_a_cluster
+
+# What --set may change: where and on what the endpoint (and the bandit's scorers) run, not the run
+# itself. A run trained on GPUs is served on a CPU machine with --set serving.num_gpus=0.
+SERVING_FIELDS = re.compile(r"serving\.\w+|objectives\.[^.]+\.scorer\.(num_cpus|num_gpus|num_replicas|resources)")
 
 
 class UsageError(Exception):
@@ -34,17 +40,22 @@ def check_can_listen(host: str, port: int) -> None:
                          "pass --port with a free port (or --host), or stop what holds it") from None
 
 
-def _what_to_serve(args):
+def _what_to_serve(args, overrides: dict):
     """The run's config, adapters, default weights, router and bandit state, or UsageError."""
     from emorl_ray import storage
     from emorl_ray.rundir import RunDir
     from emorl_ray.training.launch import ensemble_adapters
 
+    for key in overrides:
+        if not SERVING_FIELDS.fullmatch(key):
+            raise UsageError(f"error: --set {key}: emorl serve changes only how the run is served: serving.*, and "
+                             "for --bandit objectives.<objective>.scorer.num_cpus/num_gpus/num_replicas/resources")
     run_dir = RunDir.at(args.run_dir)
     if not run_dir.exists() or not storage.is_file(run_dir.manifest):
         raise UsageError(f"error: --run-dir {args.run_dir}: no config.yaml and training/manifest.json; "
                          "point it at a finished jobs/train_all.py run")
-    overrides = {k: v for k, v in (("serving.host", args.host), ("serving.port", args.port)) if v is not None}
+    flags = {"serving.host": args.host, "serving.port": args.port}
+    overrides = overrides | {k: v for k, v in flags.items() if v is not None}
     try:
         cfg = run_dir.load_config(overrides)
     except ConfigError as e:
@@ -70,12 +81,17 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", required=True, help="a run directory written by jobs/train_all.py (path or URI)")
     ap.add_argument("--host", help="override serving.host")
     ap.add_argument("--port", type=int, help="override serving.port")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a serving field, e.g. --set serving.num_gpus=0 to serve a GPU-trained run on CPUs")
     ap.add_argument("--bandit", action="store_true",
                     help="also serve weights 'bandit': a contextual bandit over the searched weights that learns "
                          "from the scorers (needs the run's router; deploys the scorers; state in <run>/bandit/)")
     args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    if overrides is None:  # a malformed --set, said
+        return 2
     try:
-        cfg, adapters, default_weights, router, bandit = _what_to_serve(args)
+        cfg, adapters, default_weights, router, bandit = _what_to_serve(args, overrides)
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
@@ -84,8 +100,16 @@ def main(argv=None) -> int:
     from ray import serve
 
     from emorl_ray.ensemble.http import deploy_http
+    from emorl_ray.placement import check_serving
 
-    connect_ray()
+    started = connect_ray()
+    try:  # a replica no node can hold would keep Serve waiting for it forever
+        check_serving(cfg, with_scorers=bandit is not None)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        if started:
+            ray.shutdown()
+        return 2
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     if bandit is not None:  # the bandit learns from the scorers' rewards
         from emorl_ray.pipeline import trained_scorers

@@ -64,7 +64,7 @@ class SearchConfig:
         if self.router:
             check_model_ref(self.router_encoder, f"{path}.router_encoder")
         check(self.bandit_alpha >= 0 and math.isfinite(self.bandit_alpha), f"{path}.bandit_alpha", "must be >= 0")
-        check_positive(self, path, ("evaluator_cpus", "max_failures", "prefill_cache_mb"), minimum=0)
+        check_positive(self, path, ("evaluator_cpus", "evaluator_gpus", "max_failures", "prefill_cache_mb"), minimum=0)
         check_resources(self.evaluator_resources, f"{path}.evaluator_resources")
 
 
@@ -114,3 +114,4 @@ class ServingConfig:
         check(1 <= self.port <= 65535, f"{path}.port", "must be a TCP port (1-65535)")
         check(self.route_prefix.startswith("/"), f"{path}.route_prefix", "must start with '/'")
         check_positive(self, path, ("max_prompts", "max_prompt_chars", "max_new_tokens", "num_replicas"))
+        check_positive(self, path, ("num_cpus", "num_gpus"), minimum=0)
