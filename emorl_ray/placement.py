@@ -242,7 +242,15 @@ def torch_build() -> dict:
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)}
 
 
-def check_gpu_torch(requests: list[tuple[str, dict, int]], timeout_s: float = 120.0) -> dict[str, str]:
+def live_nodes() -> list[dict]:
+    """Ray's records of the cluster's live nodes (`Resources`, `NodeID`, `NodeManagerAddress`)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_gpu_torch(requests: list[tuple[str, dict, int]], live: list[dict],
+                    timeout_s: float = 120.0) -> dict[str, str]:
     """Where the job asks for GPUs: the torch on every live GPU node must be a CUDA (or ROCm) build.
     A CPU wheel there (a CPU index's pick, or an install that replaced the node's torch) fails
     only once the scorers are up and the trainers started, in each process's `.to("cuda")`. One
@@ -254,7 +262,7 @@ def check_gpu_torch(requests: list[tuple[str, dict, int]], timeout_s: float = 12
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU")]
+    nodes = [n for n in live if n["Resources"].get("GPU")]
     if not nodes:  # none up yet: the autoscaler's GPU nodes start later, unprobed
         return {}
     probe = ray.remote(num_cpus=0)(torch_build)
@@ -291,12 +299,10 @@ def check_requests(cfg: ExperimentConfig, requests: list[tuple[str, dict, int]])
     on its GPU nodes where GPUs are asked for (call after connecting)."""
     if not cfg.check_resources:
         return {"checked": False}
-    import ray
-
-    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    live = live_nodes()
     extra, source = autoscaler_nodes(cfg.autoscaler_config)
     where = "this cluster" if not extra else f"this cluster with the nodes its autoscaler may start ({source})"
-    verdict = check_fits(requests, live + extra, where)
-    gpu_torch = check_gpu_torch(requests)
+    verdict = check_fits(requests, [n["Resources"] for n in live] + extra, where)
+    gpu_torch = check_gpu_torch(requests, live)
     return {"checked": True, "live_nodes": len(live), "autoscaler_nodes": len(extra), "autoscaler_config": source,
             **verdict, **({"gpu_torch": gpu_torch} if gpu_torch else {})}

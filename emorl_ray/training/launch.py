@@ -147,12 +147,10 @@ def _train(cfg: ExperimentConfig, run_dir: RunDir, job: TrainJob, hooks: list | 
 
 def log_queue(cfg: ExperimentConfig, jobs: list[TrainJob]) -> int:
     """Say how many of `jobs` the live nodes can train at once beside the scorers; returns that number."""
-    import ray
-
-    from emorl_ray.placement import resource_requests, trainers_at_once
+    from emorl_ray.placement import live_nodes, resource_requests, trainers_at_once
 
     objectives = sorted({o for j in jobs for o in j.reward_weights})
-    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    live = [n["Resources"] for n in live_nodes()]
     at_once = trainers_at_once(resource_requests(cfg, objectives), live, len(jobs))
     if at_once < len(jobs):
         log.info("training %d runs; the live nodes have room for %d at once beside the scorers: the others "
