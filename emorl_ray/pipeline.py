@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 
 import yaml
@@ -46,22 +47,46 @@ def prepare_run_dir(cfg: ExperimentConfig) -> RunDir:
     return run_dir
 
 
+def ray_to_join() -> str | None:
+    """The running Ray this process joins, by the rule of a plain `ray.init()`: RAY_ADDRESS (which
+    `ray job submit` sets), else the Ray that `ray start` runs on this machine (its address file).
+    None: there is none, and the job starts its own."""
+    from ray._private.services import get_ray_address_from_environment, parse_address
+
+    address = get_ray_address_from_environment(None, None)  # Ray's own lookup, not a copy of it
+    if address is None or os.environ.get("RAY_ADDRESS"):
+        return address
+    # The address file outlives a Ray stopped without `ray stop` (a killed head, an OOM): joining
+    # it would hang in GCS retries for minutes. Nothing listening there means nothing to join.
+    host, port = parse_address(address)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        log.warning("nothing listens at %s, the address of the Ray last started on this machine by `ray start` "
+                    "(stopped without `ray stop`?): starting a local Ray", address)
+        return None
+    return address
+
+
 def joins_a_cluster() -> bool:
-    """Whether the job joins a running Ray (RAY_ADDRESS, which `ray job submit` sets) rather than
-    starting its own on this machine."""
-    return bool(os.environ.get("RAY_ADDRESS"))
+    """Whether the job joins a running Ray rather than starting its own on this machine."""
+    return ray_to_join() is not None
 
 
 def connect_ray() -> bool:
-    """Join RAY_ADDRESS if set, else start a local Ray; returns True if we started it."""
+    """Join the running Ray of `ray_to_join`, else start a local one; True if we started it. Joined,
+    the job must leave the cluster as it found it: `ray_session` removes only its own apps."""
     import ray
 
     if ray.is_initialized():
         return False
-    if joins_a_cluster():  # the job's runtime_env applies
-        ray.init()
+    address = ray_to_join()
+    if address is not None:  # under `ray job submit`, the job's runtime_env applies
+        ray.init(address=address)
         return False
-    ray.init(dashboard_host="127.0.0.1", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    # address="local": a Ray whose address file appeared since the lookup is not joined by accident.
+    ray.init(address="local", dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     return True
 
 

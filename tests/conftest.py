@@ -14,10 +14,18 @@ import pytest  # noqa: E402
 from emorl_ray.config import parse_config  # noqa: E402
 from emorl_ray.testing import build_tiny_model  # noqa: E402
 
+# Each process of the suite (pytest, or each pytest-xdist worker) and everything it starts keeps its
+# Ray temp dir apart from any other Ray on the host (a developer's own `ray start`, say): the session
+# dirs, and the address file that a `ray start` (or a `ray.cluster_utils.Cluster`) leaves and a
+# plain `ray.init()`, like the job's, joins. Short: Ray's Unix sockets live under it (~107 bytes).
+os.environ["RAY_TMPDIR"] = f"/tmp/rt-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+
 # The test files that start Ray. With pytest-xdist (`pytest -n 2`, the README's command) they all
-# run on one worker, one test after another, while the unit tests run on the other: two local Rays
-# on one machine would fight over ports (Serve's 8000), and the cluster test's `ray stop` stops
-# every Ray on the host. The controller schedules by test id, without the marks, hence a list.
+# run on one worker, one test after another, while the unit tests run on the other. Not two groups
+# of them at once: tried, the suite took 16.6 min instead of 18.7 with each long Ray test about
+# twice as long (the 2 cores are busier than pytest's own CPU time shows: Ray's processes are not its
+# children), and the CLI cluster's head answered "No available agent" to `ray job submit` for 7 min.
+# The controller schedules by test id, without the marks, hence a list.
 RAY_TEST_FILES = frozenset({"test_cluster_cli.py", "test_gpu.py", "test_http.py", "test_pipeline_e2e.py",
                             "test_placement.py", "test_search_e2e.py", "test_search_tune.py", "test_storage.py",
                             "test_training_e2e.py"})
@@ -60,6 +68,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_processes_with_env(entry: str) -> None:
+    """SIGKILL every process whose environment holds `entry` ("KEY=VALUE"): the nodes a test started
+    with `ray start` and all they spawned (they inherit its environment), and nothing else. Not `ray
+    stop`: that stops every Ray on the host, a developer's own too."""
+    import signal
+    import time
+    from pathlib import Path
+
+    def matching() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(proc.name))
+                except OSError:  # gone, or not ours to read
+                    pass
+        return pids
+
+    deadline = time.time() + 30
+    while (pids := matching()) and time.time() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)  # killed ones are zombies until reaped; a node may have started one more
+    assert not pids, f"processes with {entry} still alive after 30 s: {pids}"
 
 
 def start_local_ray(**kwargs) -> None:

@@ -61,3 +61,27 @@ def test_serve_changes_only_how_the_run_is_served(tiny_causal, tmp_path):
         out = _run(EMORL, "serve", "--run-dir", run_dir.location, *bad)
         assert out.returncode == 2 and words in out.stderr, (bad, out.stderr[-2000:])
         assert "Ray" not in out.stderr
+
+
+def test_the_ray_joined_is_ray_address_else_a_live_ray_start_on_this_machine(tmp_path, monkeypatch, caplog):
+    """`ray_to_join` follows a plain `ray.init()`: RAY_ADDRESS, else the address `ray start` left
+    in the Ray temp dir; an address where nothing listens (a Ray stopped without `ray stop`) is
+    not joined (ray.init() would hang in retries for minutes): the job starts its own."""
+    import socket
+
+    from conftest import free_port
+
+    from emorl_ray.pipeline import ray_to_join
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_to_join() is None
+    port = free_port()
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    assert ray_to_join() is None
+    assert f"nothing listens at 127.0.0.1:{port}" in caplog.text
+    with socket.create_server(("127.0.0.1", port)):
+        assert ray_to_join() == f"127.0.0.1:{port}"
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+        assert ray_to_join() == "10.0.0.9:6379"

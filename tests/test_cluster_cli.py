@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, tiny_raw_config
+from conftest import free_port, kill_processes_with_env, tiny_raw_config
 
 from emorl_ray import storage
 from emorl_ray.rundir import RunDir
@@ -63,16 +63,21 @@ def cli_cluster(s3_server):
     gcs, dash = free_port(), free_port()
 
     def start(*args):
-        subprocess.run([ray_cli, "start", *args], env=env, check=True, capture_output=True, timeout=180)
+        return subprocess.Popen([ray_cli, "start", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def started(*procs):
+        for p in procs:
+            out = p.communicate(timeout=180)[0]
+            assert p.returncode == 0, out.decode()[-3000:]
 
     try:
-        start("--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-              f"--temp-dir={temps[0]}")
-        for t in temps[1:]:
-            start(f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"trainer_node": 1}', f"--temp-dir={t}")
+        started(start("--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
+                      f"--dashboard-port={dash}", f"--temp-dir={temps[0]}"))
+        started(*[start(f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"trainer_node": 1}',
+                        f"--temp-dir={t}") for t in temps[1:]])  # the two workers join at once
         yield {"env": env, "ray": ray_cli, "dashboard": f"http://127.0.0.1:{dash}", "worker_temps": temps[1:]}
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_processes_with_env(f"RAY_AUTH_TOKEN={token}")  # this cluster's processes, no other Ray's
         for t in temps:
             shutil.rmtree(t, ignore_errors=True)
 
@@ -132,3 +137,80 @@ def test_job_submitted_to_a_cli_cluster_survives_losing_a_node(cli_cluster, tiny
         assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))  # no step twice
     assert storage.is_file(run.eval_metrics) and storage.is_file(run.file("report.html"))
     assert not (ROOT / "s3:").exists()
+
+
+def test_emorl_serve_on_a_node_of_a_running_ray_joins_it_and_leaves_it_as_found(tiny_causal, tmp_path):
+    """Where `ray start` runs on the machine (a cluster's head, say), `emorl serve` joins that Ray
+    as a plain `ray.init()` would, without RAY_ADDRESS: it refuses a replica that none of its nodes
+    can hold (Serve would wait for it forever), does not refuse the port that its Serve already
+    listens on, and at Ctrl-C leaves the Serve application that was there before it."""
+    import textwrap
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from conftest import stub_finished_run
+    from test_ensemble import _random_adapters
+
+    bin_dir = Path(sys.executable).parent
+    rt = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # where `ray start` leaves the address ray.init() joins
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": rt, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    port = free_port()
+    other = textwrap.dedent(f"""
+        import ray
+        from ray import serve
+        ray.init(logging_level="ERROR")
+        serve.start(http_options={{"host": "127.0.0.1", "port": {port}}})
+        @serve.deployment(ray_actor_options={{"num_cpus": 0.1}})
+        class Other:
+            def __call__(self, request):
+                return "still here"
+        serve.run(Other.bind(), name="other", route_prefix="/other")
+    """)
+
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as r:
+            return r.read().decode()
+
+    try:
+        subprocess.run([str(bin_dir / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=2",
+                        "--include-dashboard=false"], env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run([sys.executable, "-c", other], env=env, check=True, capture_output=True, timeout=300)
+        assert get("/other") == "still here"
+
+        run_dir = stub_finished_run(tiny_causal, tmp_path, serving={"port": port, "num_gpus": 1,
+                                                                    "max_new_tokens": 8})
+        _random_adapters(tiny_causal, tmp_path, names=("overlap", "brevity"))  # where the stub's manifest points
+        emorl = [str(bin_dir / "emorl"), "serve", "--run-dir", run_dir.location]
+        out = subprocess.run(emorl, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert "config error: serving: one unit asks for {CPU: 1, GPU: 1}, but no node of this cluster" in out.stderr
+        proc = subprocess.Popen(emorl + ["--set", "serving.num_gpus=0", "--set", "serving.num_cpus=0.5"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(300, proc.kill)
+        watchdog.start()
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "serving at" in line:
+                    break
+            assert "serving at" in lines[-1], "".join(lines)[-3000:]
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/emorl/generate", headers={
+                "content-type": "application/json"}, data=json.dumps({"prompts": ["hi"], "weights": [1, 1]}).encode())
+            with urllib.request.urlopen(req, timeout=180) as r:
+                assert r.status == 200 and len(json.loads(r.read())["responses"]) == 1
+        finally:
+            watchdog.cancel()
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        assert rc == 0
+        assert get("/other") == "still here"  # the cluster's Serve and its other application stay up
+        with pytest.raises(urllib.error.HTTPError, match="404"):  # only the endpoint is gone
+            get("/emorl/generate")
+    finally:
+        kill_processes_with_env(f"RAY_AUTH_TOKEN={token}")
+        shutil.rmtree(rt, ignore_errors=True)

@@ -210,10 +210,10 @@ def test_http_endpoint_answers_and_rejects_while_staying_up(tiny_causal, tmp_pat
 
 
 @pytest.mark.e2e
-def test_emorl_serve_refuses_what_cannot_be_placed_then_serves_the_run(tiny_causal, tmp_path):
-    """The `emorl serve` command on a local Ray it starts: a replica that no node can hold is
-    refused with its field (Serve would wait for it forever), and the run is served once
-    `--set` asks for what this machine has."""
+def test_emorl_serve_serves_a_gpu_trained_run_on_the_local_ray_it_starts(tiny_causal, tmp_path):
+    """The `emorl serve` command on a local Ray it starts, for a run whose config asks a GPU per
+    replica: `--set` asks for what this machine has, and Ctrl-C takes Serve and the Ray down.
+    (The refusal without `--set` is in tests/test_cluster_cli.py, on a Ray that is already up.)"""
     import os
     import signal
     import subprocess
@@ -229,10 +229,6 @@ def test_emorl_serve_refuses_what_cannot_be_placed_then_serves_the_run(tiny_caus
     _random_adapters(tiny_causal, tmp_path, names=("overlap", "brevity"))  # where the stub's manifest points
     emorl = [str(Path(sys.executable).parent / "emorl"), "serve", "--run-dir", run_dir.location]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run(emorl, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "config error: serving: one unit asks for {CPU: 1, GPU: 1}, but no node of this cluster" in out.stderr
-
     proc = subprocess.Popen(emorl + ["--set", "serving.num_gpus=0", "--set", "serving.num_cpus=0.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(300, proc.kill)  # a deploy that hangs ends the read below

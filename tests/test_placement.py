@@ -167,7 +167,7 @@ def test_multi_node_placement_on_fake_nodes(tiny_causal, tmp_path, caplog):
                            rf".*node {gpu_node.node_id[:8]}\) is {re.escape(torch.__version__)}, a CPU build"):
             check_cluster(on_gpu)
 
-        serve.start(http_options={"host": "127.0.0.1"})
+        serve.start(proxy_location="Disabled")  # handles only: no port 8000
         deploy_scorers(cfg)
         replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
                     if "emorl-scorer" in (a.class_name or "")]

@@ -25,7 +25,7 @@ def ray_with_scorers(tiny_causal, tmp_path_factory):
     cfg = parse_config(tiny_raw_config(tiny_causal, tmp_path_factory.mktemp("runs"), max_steps=8, val_every=2,
                                        max_failures=1))
     start_local_ray()
-    serve.start(http_options={"host": "127.0.0.1"})
+    serve.start(proxy_location="Disabled")  # handles only: no port 8000
     deploy_scorers(cfg)
     yield cfg
     ray.shutdown()

@@ -17,7 +17,7 @@ import time
 
 from emorl_ray.cli.args import parse_overrides
 from emorl_ray.config import ConfigError
-from emorl_ray.pipeline import connect_ray, joins_a_cluster
+from emorl_ray.pipeline import connect_ray, delete_apps, joins_a_cluster
 
 # What --set may change: where and on what the endpoint (and the bandit's scorers) run, not the run
 # itself. A run trained on GPUs is served on a CPU machine with --set serving.num_gpus=0.
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from emorl_ray.ensemble.http import deploy_http
+    from emorl_ray.ensemble.http import HTTP_APP, deploy_http
     from emorl_ray.placement import check_serving
 
     started = connect_ray()
@@ -111,12 +111,15 @@ def main(argv=None) -> int:
             ray.shutdown()
         return 2
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
+    ours = [HTTP_APP]  # what Ctrl-C takes down on a cluster that stays up
     if bandit is not None:  # the bandit learns from the scorers' rewards
         from emorl_ray.pipeline import trained_scorers
-        from emorl_ray.rewards.serve import deploy_scorers
+        from emorl_ray.rewards.serve import app_name, deploy_scorers
 
+        running = set(serve.status().applications)  # a job's scorers on the same cluster stay its own
         trained_scorers(cfg, train=False)
         deploy_scorers(cfg)
+        ours += [app_name(o) for o in cfg.objective_names if app_name(o) not in running]
     deploy_http(cfg, adapters, default_weights, router, bandit)
     base = f"http://{cfg.serving.host}:{cfg.serving.port}{cfg.serving.route_prefix}"
     auto = (", weights 'auto' = the run's router" if router else "") + (", 'bandit' = the bandit" if bandit else "")
@@ -126,6 +129,9 @@ def main(argv=None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        if started:
+            serve.shutdown()
+        else:  # a joined cluster's Serve may serve others: take down only what this command put up
+            delete_apps(ours)
         ray.shutdown()
     return 0
