@@ -80,9 +80,11 @@ def connect_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    address = ray_to_join()
-    if address is not None:  # under `ray job submit`, the job's runtime_env applies
-        ray.init(address=address)
+    if ray_to_join() is not None:
+        # No address passed: ray.init() finds the same one, and sets up the token auth of a Ray
+        # that `ray start --head` started on this machine as only it does for an address it found.
+        # Under `ray job submit`, the job's runtime_env applies.
+        ray.init()
         return False
     # address="local": a Ray whose address file appeared since the lookup is not joined by accident.
     ray.init(address="local", dashboard_host="127.0.0.1",

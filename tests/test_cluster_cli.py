@@ -154,9 +154,11 @@ def test_emorl_serve_on_a_node_of_a_running_ray_joins_it_and_leaves_it_as_found(
 
     bin_dir = Path(sys.executable).parent
     rt = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # where `ray start` leaves the address ray.init() joins
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_TMPDIR": rt, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+    # As on a machine where `ray get-auth-token --generate` made a token: the head turns token auth
+    # on, and what joins it finds the token in the file, with RAY_AUTH_MODE unset.
+    Path(rt, "auth_token").write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")} | {
+        "RAY_TMPDIR": rt, "RAY_AUTH_TOKEN_PATH": f"{rt}/auth_token", "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     port = free_port()
     other = textwrap.dedent(f"""
@@ -212,5 +214,5 @@ def test_emorl_serve_on_a_node_of_a_running_ray_joins_it_and_leaves_it_as_found(
         with pytest.raises(urllib.error.HTTPError, match="404"):  # only the endpoint is gone
             get("/emorl/generate")
     finally:
-        kill_processes_with_env(f"RAY_AUTH_TOKEN={token}")
+        kill_processes_with_env(f"RAY_TMPDIR={rt}")
         shutil.rmtree(rt, ignore_errors=True)
