@@ -142,8 +142,9 @@ def test_job_submitted_to_a_cli_cluster_survives_losing_a_node(cli_cluster, tiny
 def test_emorl_serve_on_a_node_of_a_running_ray_joins_it_and_leaves_it_as_found(tiny_causal, tmp_path):
     """Where `ray start` runs on the machine (a cluster's head, say), `emorl serve` joins that Ray
     as a plain `ray.init()` would, without RAY_ADDRESS: it refuses a replica that none of its nodes
-    can hold (Serve would wait for it forever), does not refuse the port that its Serve already
-    listens on, and at Ctrl-C leaves the Serve application that was there before it."""
+    can hold (Serve would wait for it forever) and an address other than that of its running Serve,
+    does not refuse the port that Serve listens on, and at Ctrl-C leaves the Serve application
+    that was there before it."""
     import textwrap
     import threading
     import urllib.error
@@ -190,6 +191,12 @@ def test_emorl_serve_on_a_node_of_a_running_ray_joins_it_and_leaves_it_as_found(
         out = subprocess.run(emorl, capture_output=True, text=True, timeout=300, env=env)
         assert out.returncode == 2, out.stderr[-3000:]
         assert "config error: serving: one unit asks for {CPU: 1, GPU: 1}, but no node of this cluster" in out.stderr
+        # The running Serve keeps its address: another port would be announced where nothing listens.
+        out = subprocess.run(emorl + ["--set", "serving.num_gpus=0", "--port", str(free_port())], capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert (f"config error: serving.host/serving.port: this cluster's Serve already listens on 127.0.0.1:{port}, "
+                f"and a running Serve keeps its address; pass --host 127.0.0.1 --port {port}") in out.stderr
         proc = subprocess.Popen(emorl + ["--set", "serving.num_gpus=0", "--set", "serving.num_cpus=0.5"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         watchdog = threading.Timer(300, proc.kill)

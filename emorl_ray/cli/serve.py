@@ -40,6 +40,23 @@ def check_can_listen(host: str, port: int) -> None:
                          "pass --port with a free port (or --host), or stop what holds it") from None
 
 
+def check_running_serve(host: str, port: int) -> None:
+    """On a joined cluster whose Serve already runs, that Serve keeps its HTTP address
+    (`serve.start` only logs that new options do not apply): an endpoint asked for elsewhere would
+    be announced at an address where nothing of it listens. ConfigError naming what does."""
+    from ray.serve.context import _get_global_client  # Serve's running config has no public getter
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:  # no Serve yet: serve.start starts it with ours
+        return
+    http = client.http_config
+    if (http.host, http.port) != (host, port):
+        raise ConfigError("serving.host/serving.port", f"this cluster's Serve already listens on "
+                          f"{http.host}:{http.port}, and a running Serve keeps its address; pass --host "
+                          f"{http.host} --port {http.port}, or stop that Serve (`serve shutdown`: every "
+                          "application on it) for one on yours")
+
+
 def _what_to_serve(args, overrides: dict):
     """The run's config, adapters, default weights, router and bandit state, or UsageError."""
     from emorl_ray import storage
@@ -105,10 +122,11 @@ def main(argv=None) -> int:
     started = connect_ray()
     try:  # a replica no node can hold would keep Serve waiting for it forever
         check_serving(cfg, with_scorers=bandit is not None)
+        if not started:
+            check_running_serve(cfg.serving.host, cfg.serving.port)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        if started:
-            ray.shutdown()
+        ray.shutdown()  # ours stops; a joined cluster is only disconnected from
         return 2
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     ours = [HTTP_APP]  # what Ctrl-C takes down on a cluster that stays up
