@@ -197,13 +197,15 @@ def check(cfg: ExperimentConfig) -> dict:
 
     splits = check_inputs(cfg)
     started = connect_ray()
+    # Which Ray the placement was checked on: a "fits" from a local Ray says nothing of a cluster.
+    checked_on = {"address": ray.get_runtime_context().gcs_address, "joined": not started}
     try:
         checked = check_cluster(cfg)
     finally:
         if started:
             ray.shutdown()
     return {"config": "ok", "data": splits.sizes(), "model": cfg.model.id, "run_dir": str(cfg.run_dir),
-            "resumes": cfg.run_dir.exists(), "resources": checked}
+            "resumes": cfg.run_dir.exists(), "ray": checked_on, "resources": checked}
 
 
 def run_pipeline(cfg: ExperimentConfig) -> dict:

@@ -63,7 +63,11 @@ def cli_cluster(s3_server):
     gcs, dash = free_port(), free_port()
 
     def start(*args):
-        return subprocess.Popen([ray_cli, "start", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Each node's dashboard agent on a port of its own: they all default to 52365, and on one
+        # host the first to bind it wins. Where a worker's agent (or another Ray's) beat the head's,
+        # the head had no agent and `ray job submit` got "No available agent" for as long as it tried.
+        return subprocess.Popen([ray_cli, "start", *args, f"--dashboard-agent-listen-port={free_port()}"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def started(*procs):
         for p in procs:
@@ -75,7 +79,8 @@ def cli_cluster(s3_server):
                       f"--dashboard-port={dash}", f"--temp-dir={temps[0]}"))
         started(*[start(f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"trainer_node": 1}',
                         f"--temp-dir={t}") for t in temps[1:]])  # the two workers join at once
-        yield {"env": env, "ray": ray_cli, "dashboard": f"http://127.0.0.1:{dash}", "worker_temps": temps[1:]}
+        yield {"env": env, "ray": ray_cli, "dashboard": f"http://127.0.0.1:{dash}", "gcs": gcs,
+               "worker_temps": temps[1:]}
     finally:
         kill_processes_with_env(f"RAY_AUTH_TOKEN={token}")  # this cluster's processes, no other Ray's
         for t in temps:
@@ -102,6 +107,9 @@ def test_job_submitted_to_a_cli_cluster_survives_losing_a_node(cli_cluster, tiny
         time.sleep(2)
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     assert '"training": "fits"' in check.stdout and not storage.exists(run.config)
+    lines = check.stdout.splitlines()  # the report is the indented JSON between a "{" and a "}" line
+    checked_on = json.loads("\n".join(lines[lines.index("{"):lines.index("}") + 1]))["ray"]
+    assert checked_on["joined"] and checked_on["address"].endswith(f":{cli_cluster['gcs']}"), check.stdout
 
     log = open(tmp_path / "job.log", "w")
     job = subprocess.Popen([cli_cluster["ray"], "job", "submit", "--address", cli_cluster["dashboard"],
