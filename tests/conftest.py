@@ -24,7 +24,9 @@ os.environ["RAY_TMPDIR"] = f"/tmp/rt-{os.environ.get('PYTEST_XDIST_WORKER', 'mai
 # run on one worker, one test after another, while the unit tests run on the other. Not two groups
 # of them at once: tried, the suite took 16.6 min instead of 18.7 with each long Ray test about
 # twice as long (the 2 cores are busier than pytest's own CPU time shows: Ray's processes are not its
-# children), and the CLI cluster's head answered "No available agent" to `ray job submit` for 7 min.
+# children), and the CLI cluster's head answered "No available agent" to `ray job submit` for 7 min
+# (likely the other Ray's dashboard agent on the default port 52365 that the head's agent wanted;
+# test_cluster_cli now gives each node its own).
 # The controller schedules by test id, without the marks, hence a list.
 RAY_TEST_FILES = frozenset({"test_cluster_cli.py", "test_gpu.py", "test_http.py", "test_pipeline_e2e.py",
                             "test_placement.py", "test_search_e2e.py", "test_search_tune.py", "test_storage.py",
