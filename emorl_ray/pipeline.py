@@ -73,14 +73,15 @@ def joins_a_cluster() -> bool:
     return ray_to_join() is not None
 
 
-def connect_ray() -> bool:
+def connect_ray(join: bool | None = None) -> bool:
     """Join the running Ray of `ray_to_join`, else start a local one; True if we started it. Joined,
-    the job must leave the cluster as it found it: `ray_session` removes only its own apps."""
+    the job must leave the cluster as it found it: `ray_session` removes only its own apps.
+    `join`: `joins_a_cluster()` where the caller has already asked it."""
     import ray
 
     if ray.is_initialized():
         return False
-    if ray_to_join() is not None:
+    if join if join is not None else joins_a_cluster():
         # No address passed: ray.init() finds the same one, and sets up the token auth of a Ray
         # that `ray start --head` started on this machine as only it does for an address it found.
         # Under `ray job submit`, the job's runtime_env applies.

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -100,6 +101,34 @@ def kill_processes_with_env(entry: str) -> None:
                 pass
         time.sleep(0.2)  # killed ones are zombies until reaped; a node may have started one more
     assert not pids, f"processes with {entry} still alive after 30 s: {pids}"
+
+
+@contextlib.contextmanager
+def emorl_serving(args: list[str], env: dict):
+    """`emorl serve ARGS` in a subprocess, up to the line where it says where it serves; yields its
+    output so far, then Ctrl-C (SIGINT), after which it must exit 0."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "emorl"), "serve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)  # a deploy that hangs ends the read below
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:  # until it says where it serves (or exits)
+            lines.append(line)
+            if "serving at" in line:
+                break
+        yield "".join(lines)
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    assert rc == 0
 
 
 def start_local_ray(**kwargs) -> None:

@@ -154,12 +154,12 @@ def test_emorl_serve_on_a_node_of_a_running_ray_joins_it_and_leaves_it_as_found(
     does not refuse the port that Serve listens on, and at Ctrl-C leaves the Serve application
     that was there before it."""
     import textwrap
-    import threading
     import urllib.error
     import urllib.request
 
-    from conftest import stub_finished_run
+    from conftest import emorl_serving, stub_finished_run
     from test_ensemble import _random_adapters
+    from test_http import _post
 
     bin_dir = Path(sys.executable).parent
     rt = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # where `ray start` leaves the address ray.init() joins
@@ -205,26 +205,12 @@ def test_emorl_serve_on_a_node_of_a_running_ray_joins_it_and_leaves_it_as_found(
         assert out.returncode == 2, out.stderr[-3000:]
         assert (f"config error: serving.host/serving.port: this cluster's Serve already listens on 127.0.0.1:{port}, "
                 f"and a running Serve keeps its address; pass --host 127.0.0.1 --port {port}") in out.stderr
-        proc = subprocess.Popen(emorl + ["--set", "serving.num_gpus=0", "--set", "serving.num_cpus=0.5"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        watchdog = threading.Timer(300, proc.kill)
-        watchdog.start()
-        try:
-            lines = []
-            for line in proc.stdout:
-                lines.append(line)
-                if "serving at" in line:
-                    break
-            assert "serving at" in lines[-1], "".join(lines)[-3000:]
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/emorl/generate", headers={
-                "content-type": "application/json"}, data=json.dumps({"prompts": ["hi"], "weights": [1, 1]}).encode())
-            with urllib.request.urlopen(req, timeout=180) as r:
-                assert r.status == 200 and len(json.loads(r.read())["responses"]) == 1
-        finally:
-            watchdog.cancel()
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait(timeout=120)
-        assert rc == 0
+        with emorl_serving(["--run-dir", run_dir.location, "--set", "serving.num_gpus=0", "--set",
+                            "serving.num_cpus=0.5"], env) as out:
+            assert "serving at" in out, out[-3000:]
+            status, answer = _post(f"http://127.0.0.1:{port}/emorl/generate",
+                                   json.dumps({"prompts": ["hi"], "weights": [1, 1]}).encode())
+            assert status == 200 and len(answer["responses"]) == 1
         assert get("/other") == "still here"  # the cluster's Serve and its other application stay up
         with pytest.raises(urllib.error.HTTPError, match="404"):  # only the endpoint is gone
             get("/emorl/generate")

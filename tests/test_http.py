@@ -215,36 +215,18 @@ def test_emorl_serve_serves_a_gpu_trained_run_on_the_local_ray_it_starts(tiny_ca
     replica: `--set` asks for what this machine has, and Ctrl-C takes Serve and the Ray down.
     (The refusal without `--set` is in tests/test_cluster_cli.py, on a Ray that is already up.)"""
     import os
-    import signal
-    import subprocess
-    import sys
-    import threading
-    from pathlib import Path
 
-    from conftest import free_port, stub_finished_run
+    from conftest import emorl_serving, free_port, stub_finished_run
     from test_ensemble import _random_adapters
 
     port = free_port()
     run_dir = stub_finished_run(tiny_causal, tmp_path, serving={"port": port, "num_gpus": 1, "max_new_tokens": 8})
     _random_adapters(tiny_causal, tmp_path, names=("overlap", "brevity"))  # where the stub's manifest points
-    emorl = [str(Path(sys.executable).parent / "emorl"), "serve", "--run-dir", run_dir.location]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(emorl + ["--set", "serving.num_gpus=0", "--set", "serving.num_cpus=0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watchdog = threading.Timer(300, proc.kill)  # a deploy that hangs ends the read below
-    watchdog.start()
-    try:
-        lines = []
-        for line in proc.stdout:  # until it says where it serves (or exits)
-            lines.append(line)
-            if "serving at" in line:
-                break
-        assert f"serving at http://127.0.0.1:{port}/emorl/generate" in lines[-1], "".join(lines)[-3000:]
+    # At the end, as Ctrl-C: Serve and the local Ray go down, and the command exits 0.
+    with emorl_serving(["--run-dir", run_dir.location, "--set", "serving.num_gpus=0", "--set",
+                        "serving.num_cpus=0.5"], env) as out:
+        assert f"serving at http://127.0.0.1:{port}/emorl/generate" in out, out[-3000:]
         body = json.dumps({"prompts": ["I feel stuck at work"], "weights": [1, 1]}).encode()
         status, answer = _post(f"http://127.0.0.1:{port}/emorl/generate", body)
         assert status == 200 and len(answer["responses"]) == 1, answer
-    finally:
-        watchdog.cancel()
-        proc.send_signal(signal.SIGINT)  # as Ctrl-C: Serve and the local Ray go down
-        rc = proc.wait(timeout=120)
-    assert rc == 0

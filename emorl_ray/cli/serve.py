@@ -77,8 +77,6 @@ def _what_to_serve(args, overrides: dict):
         cfg = run_dir.load_config(overrides)
     except ConfigError as e:
         raise UsageError(f"config error: {e}") from None
-    if not joins_a_cluster():  # we start a local Ray, so Serve's proxy listens on this machine
-        check_can_listen(cfg.serving.host, cfg.serving.port)
     try:
         adapters = ensemble_adapters(cfg, run_dir.runs())
     except RuntimeError as e:
@@ -109,6 +107,9 @@ def main(argv=None) -> int:
         return 2
     try:
         cfg, adapters, default_weights, router, bandit = _what_to_serve(args, overrides)
+        join = joins_a_cluster()  # asked once: a stale address file is warned of once
+        if not join:  # we start a local Ray, so Serve's proxy listens on this machine
+            check_can_listen(cfg.serving.host, cfg.serving.port)
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     from emorl_ray.ensemble.http import HTTP_APP, deploy_http
     from emorl_ray.placement import check_serving
 
-    started = connect_ray()
+    started = connect_ray(join)
     try:  # a replica no node can hold would keep Serve waiting for it forever
         check_serving(cfg, with_scorers=bandit is not None)
         if not started:
