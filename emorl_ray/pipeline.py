@@ -81,7 +81,9 @@ def connect_ray(join: bool | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    if join if join is not None else joins_a_cluster():
+    if join is None:
+        join = joins_a_cluster()
+    if join:
         # No address passed: ray.init() finds the same one, and sets up the token auth of a Ray
         # that `ray start --head` started on this machine as only it does for an address it found.
         # Under `ray job submit`, the job's runtime_env applies.
