@@ -154,14 +154,20 @@ def test_bad_arguments(kwargs, msg):
         HierarchicalGridSearcher(**args)
 
 
-def test_restore_lines_the_searcher_up_with_tunes_saved_trials(tmp_path):
-    """Tune saves the searcher state and its experiment state one after the other; a driver killed
+def _record(trials: dict, status: dict, score=0.0) -> list[dict]:
+    """Tune's saved record of trials as `replay` takes it, from {trial id: suggestion}."""
+    return [{"trial_id": tid, "status": status.get(tid, "TERMINATED"), "level": cfg["level"],
+             "weights": list(cfg["weights"].values()), "score": score} for tid, cfg in trials.items()]
+
+
+def test_restore_rebuilds_the_searcher_from_tunes_saved_trials(tmp_path):
+    """Tune saves the searcher state and its record of trials one after the other; a driver killed
     in between leaves them apart. Seen in CI: the searcher still waited for t3, which Tune had
     finished, while Tune was re-running t4 of the next level: the resumed search stalled."""
-    from emorl_ray.search.run import reconcile_searcher
+    from emorl_ray.search.run import rebuild_searcher
 
     s = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
-    t = {tid: s.suggest(tid)["weights"] for tid in ("t1", "t2", "t3")}
+    t = {tid: s.suggest(tid) for tid in ("t1", "t2", "t3")}
     for tid in ("t1", "t2"):
         s.on_trial_complete(tid, {"score": 0.0})
     saved = s.get_state()
@@ -169,30 +175,74 @@ def test_restore_lines_the_searcher_up_with_tunes_saved_trials(tmp_path):
     behind.set_state(json.loads(json.dumps(saved)))
     assert drive(behind, lambda w: 0.0) == [] and not behind.finished  # nothing Tune does wakes it up
 
-    ahead = HierarchicalGridSearcher(["a", "b"], "score", levels=2)  # where Tune had got to
-    ahead.set_state(json.loads(json.dumps(saved)))
-    ahead.on_trial_complete("t3", {"score": 0.0})
-    t4 = ahead.suggest("t4")["weights"]
+    s.on_trial_complete("t3", {"score": 0.0})  # where Tune had got to
+    t["t4"] = s.suggest("t4")
     (tmp_path / "searcher-state-x.pkl").write_text(json.dumps(saved))
-    spec = lambda tid, w, status: json.dumps({"trial_id": tid, "status": status, "config": {"weights": w}})  # noqa: E731
-    trial_data = [[spec(tid, w, "TERMINATED"), json.dumps({"last_result": {"score": 0.0}})] for tid, w in t.items()]
-    trial_data.append([spec("t4", t4, "RUNNING"), json.dumps({"last_result": None})])
-    (tmp_path / "experiment_state-x.json").write_text(json.dumps({"trial_data": trial_data}))
-    reconcile_searcher(str(tmp_path), ["a", "b"])
+    spec = lambda tid, cfg, status: json.dumps({"trial_id": tid, "status": status, "config": cfg})  # noqa: E731
+    trial_data = [[spec(tid, cfg, "RUNNING" if tid == "t4" else "TERMINATED"),
+                   json.dumps({"last_result": None if tid == "t4" else {"score": 0.0}})] for tid, cfg in t.items()]
+    (tmp_path / "experiment_state-x.json").write_text(json.dumps({"trial_data": trial_data[::-1]}))
+    rebuild_searcher(str(tmp_path), ["a", "b"])
     restored = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
     restored.restore(str(tmp_path / "searcher-state-x.pkl"))
     assert restored.level == 1 and list(restored.pending) == ["t4"]
     restored.on_trial_complete("t4", {"score": 0.0})  # Tune re-runs t4 under its old id
     rest = drive(restored, lambda w: 0.0)
-    assert restored.finished and list(t4.values()) not in rest  # t4's point runs once
+    assert restored.finished and list(t["t4"]["weights"].values()) not in rest  # t4's point runs once
 
 
-def test_restore_hands_back_in_flight_points_tune_never_recorded():
+def test_replay_queues_again_the_points_tune_never_recorded():
     s = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
-    s.suggest("t1")
-    lost = s.suggest("t2")["weights"]
-    s.reconcile([{"trial_id": "t1", "status": "RUNNING", "weights": [1.0, 0.0], "score": None}])
-    assert list(s.pending) == ["t1"] and s.queue[0] == list(lost.values())
+    t = {tid: s.suggest(tid) for tid in ("t1", "t2")}
+    replayed = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
+    assert replayed.replay(_record({"t1": t["t1"]}, {"t1": "RUNNING"})) == []
+    assert list(replayed.pending) == ["t1"] and replayed.queue[0] == list(t["t2"]["weights"].values())
+    replayed.on_trial_complete("t1", {"score": 0.0})
+    rest = drive(replayed, lambda w: 0.0)
+    assert replayed.finished and list(t["t2"]["weights"].values()) in rest
+
+
+@pytest.mark.parametrize("parameterization", ["simplex", "cube"])
+def test_replay_of_a_whole_record_in_any_order_is_the_search_itself(parameterization):
+    """Replaying every trial of a finished search, shuffled, gives back the searcher's state: the
+    same levels, scores, path and result, whatever order Tune saved its trials in."""
+    import random
+
+    f = normalized_distance_score([0.6, 0.3, 0.1])
+    s = HierarchicalGridSearcher(["a", "b", "c"], "score", levels=3, parameterization=parameterization)
+    trials, i = {}, 0
+    while (cfg := s.suggest(str(i))) not in (None, "FINISHED"):
+        trials[str(i)] = cfg
+        s.on_trial_complete(str(i), {"score": f(cfg["weights"])})  # one at a time: any order works
+        i += 1
+    record = [{"trial_id": tid, "status": "TERMINATED", "level": cfg["level"],
+               "weights": list(cfg["weights"].values()), "score": f(cfg["weights"])} for tid, cfg in trials.items()]
+    random.Random(0).shuffle(record)
+    replayed = HierarchicalGridSearcher(["a", "b", "c"], "score", levels=3, parameterization=parameterization)
+    assert replayed.replay(record) == [] and replayed.finished
+    for key in ("level", "scores", "path", "region", "pending", "queue"):
+        assert replayed.get_state()[key] == s.get_state()[key], key
+    assert replayed.best() == s.best()
+
+
+def test_replay_leaves_out_trials_that_fit_no_point():
+    s = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
+    t1 = s.suggest("t1")
+    record = _record({"t1": t1}, {"t1": "RUNNING"})
+    record.append({"trial_id": "stray", "status": "TERMINATED", "level": 1, "weights": [0.3, 0.7], "score": 1.0})
+    record.append({"trial_id": "twice", "status": "TERMINATED", "level": 1, "weights": record[0]["weights"],
+                   "score": 1.0})
+    replayed = HierarchicalGridSearcher(["a", "b"], "score", levels=2)
+    assert replayed.replay(record) == ["stray", "twice"] and list(replayed.pending) == ["t1"]
+    with pytest.raises(RuntimeError, match="fresh searcher"):
+        replayed.replay(record)
+
+
+def test_the_searcher_holds_back_past_tunes_concurrency_limit():
+    """It counts its own running trials (set_max_concurrency), so no wrapper keeps a second,
+    separately saved list of them."""
+    s = HierarchicalGridSearcher(["a", "b", "c"], "score", levels=2)
+    assert s.set_max_concurrency(2) is True
+    assert s.suggest("t1") and s.suggest("t2") and s.suggest("t3") is None
     s.on_trial_complete("t1", {"score": 0.0})
-    rest = drive(s, lambda w: 0.0)
-    assert s.finished and list(lost.values()) in rest
+    assert s.suggest("t3") is not None

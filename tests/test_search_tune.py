@@ -1,5 +1,6 @@
 """The hierarchical searcher inside real Ray Tune experiments (synthetic objective)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -56,8 +57,10 @@ def test_failing_trial_is_retried_then_scored_worst(local_ray, tmp_path):
     assert state["finished"] and state["scores"]["0,0,1"] is None
 
 
-def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
-    """Kill the driver mid-search (SIGKILL), then Tuner.restore: no finished trial runs again."""
+def _kill_mid_search(tmp_path, snapshot_after=None):
+    """Run a levels=4 search (6 + 3 + 3 + 3 trials, 2 at a time) in a driver of its own and SIGKILL
+    it once 7 trials are done (into level 2). With `snapshot_after`, copy Tune's searcher files
+    once that many trials are done; returns (the experiment directory, the copies)."""
     script = textwrap.dedent(f"""
         import ray
         from ray import tune
@@ -73,23 +76,36 @@ def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
     exp = tmp_path / "killed"
+
+    def searcher_files():  # the searcher's own state, and that of Tune's wrappers around it
+        return list(exp.glob("searcher-state-*.pkl")) + list(exp.glob("search_gen_state-*.json"))
+
     deadline = time.time() + 420  # generous: CI machines may be loaded
-    finished = []
+    finished, snapshot = [], {}
     while time.time() < deadline:
         finished = [p for p in exp.glob("synthetic_trial_*/result.json") if p.stat().st_size > 0]
-        if len(finished) >= 6 and list(exp.glob("searcher-state-*.pkl")):
+        if snapshot_after is not None and not snapshot and len(finished) >= snapshot_after \
+                and len(searcher_files()) == 2:
+            snapshot = {p.name: p.read_bytes() for p in searcher_files()}
+        if len(finished) >= 7 and list(exp.glob("searcher-state-*.pkl")):
             break
         if proc.poll() is not None:  # the first run died on its own: no point waiting
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:  # already gone
         pass
     proc.wait()
-    assert len(finished) >= 6, "the first run did not get far enough"
+    assert len(finished) >= 7, "the first run did not get far enough"
+    assert snapshot_after is None or snapshot, "no searcher files to copy"
     time.sleep(3)
+    return exp, snapshot
 
+
+def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
+    """Kill the driver mid-search (SIGKILL), then Tuner.restore: no finished trial runs again."""
+    exp, _ = _kill_mid_search(tmp_path)
     before = {p.parent.name for p in exp.glob("synthetic_trial_*/result.json") if p.stat().st_size > 0}
     assert tune.Tuner.can_restore(str(exp))
     grid = tune.Tuner.restore(str(exp), tune.with_resources(synthetic_trial, {"cpu": 0.01}),
@@ -102,3 +118,36 @@ def test_restore_after_killed_driver_reruns_nothing(local_ray, tmp_path):
     best = max(grid, key=lambda r: r.metrics.get("score", float("-inf")))
     assert best.metrics["score"] == pytest.approx(
         max(FUNCTIONS["concave"](list(w)) for w in weights))
+
+
+def test_restore_with_searcher_files_older_than_tunes_trials(tmp_path):
+    """Tune writes its record of trials and the searcher's files one after the other, and uploads
+    them to cloud storage in any order, so a killed driver can leave searcher files from an earlier
+    save beside a later record. Seen in CI on S3: the resumed search waited forever for trials Tune
+    had finished. Here the searcher files of 2 finished trials lie beside the record of 7: the
+    restored search (its own driver, so a stall fails instead of hanging) runs every point once."""
+    exp, old = _kill_mid_search(tmp_path, snapshot_after=2)
+    for name, data in old.items():
+        (exp / name).write_bytes(data)
+    script = textwrap.dedent(f"""
+        import json
+        import ray
+        from ray import tune
+        from emorl_ray.search.run import rebuild_searcher
+        from emorl_ray.search.synthetic import synthetic_trial
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        rebuild_searcher({str(exp)!r}, {OBJ!r})
+        grid = tune.Tuner.restore({str(exp)!r}, tune.with_resources(synthetic_trial, {{"cpu": 0.01}}),
+                                  resume_unfinished=True, resume_errored=False).fit()
+        print("WEIGHTS", json.dumps([[r.config["weights"][o] for o in {OBJ!r}] for r in grid]))
+    """)
+    env, limit = dict(os.environ, RAY_USAGE_STATS_ENABLED="0"), 300  # it takes about 30 s
+    try:
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                             timeout=limit, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the restored search did not finish in {limit} s:\n{(e.stderr or b'')[-3000:]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WEIGHTS "))
+    weights = [tuple(w) for w in json.loads(line[len("WEIGHTS "):])]
+    assert len(weights) == len(set(weights)) == 15

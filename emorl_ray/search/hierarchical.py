@@ -12,7 +12,8 @@ points have the highest summed score, repeat `levels` times, then FINISHED.
   of its 2^(d-1) edgewise sub-simplices. Levels cost d + d(d-1)/2 points, then d(d-1)/2 new ones.
 
 State is plain JSON (`get_state`/`set_state`, `save`/`restore`), so `Tuner.restore` resumes the
-search at the right level without re-running finished points.
+search at the right level without re-running finished points. Before a restore, `replay` rebuilds
+that state from Tune's own record of trials, which is the one Tune acts on (search/run.py).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class HierarchicalGridSearcher(Searcher):
         self.trials: list[dict] = []        # every finished trial, in order
         self.path: list[dict] = []          # the region chosen at each level
         self.finished = False
+        self.max_concurrent: int | None = None  # set by Tune (`set_max_concurrency`)
         self._start_level()
 
     # -- geometry -------------------------------------------------------------------------------
@@ -173,12 +175,22 @@ class HierarchicalGridSearcher(Searcher):
             self._mode = mode
         return True
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        # Count running trials here rather than in Tune's ConcurrencyLimiter: the limiter saves its
+        # own list of live trials, one more state that a killed driver can leave behind Tune's
+        # record of trials, and a stale list stalls the restored search for good. `pending` is
+        # rebuilt from that record (`replay`).
+        self.max_concurrent = max_concurrent
+        return True
+
     def suggest(self, trial_id: str):
         self._maybe_advance()
         if self.finished:
             return Searcher.FINISHED
         if not self.queue:
             return None  # the level's last trials are still running
+        if self.max_concurrent and len(self.pending) >= self.max_concurrent:
+            return None
         point = self.queue.pop(0)
         self.pending[trial_id] = point
         return {"weights": dict(zip(self.objectives, point)), "level": self.level + 1}
@@ -223,28 +235,42 @@ class HierarchicalGridSearcher(Searcher):
         if self.parameterization == "simplex":
             self._subsimplices = kuhn_subsimplices(len(self.objectives) - 1)
         # `pending` is kept: Tune's restore (resume_unfinished=True) re-runs those trials under
-        # their old ids and reports them here; `reconcile` first lines it up with Tune's own record.
+        # their old ids and reports them here (`replay` first rebuilds it from Tune's record).
 
-    def reconcile(self, tune_trials: list[dict]) -> None:
-        """Line the restored state up with Tune's saved trials, [{"trial_id", "status", "weights",
-        "score"}]. Tune saves this state and its experiment state one after the other, so a driver
-        killed in between leaves them apart, and a searcher waiting for a trial Tune will not run
-        again waits forever (seen in CI). Trials Tune finished are reported here; in-flight trials
-        Tune never recorded go back to the queue; trials Tune will re-run take their point from it."""
-        known = {t["trial_id"]: t for t in tune_trials}
-        orphans = [tid for tid in self.pending if tid not in known]
-        self.queue = [self.pending.pop(tid) for tid in orphans] + self.queue
-        for t in tune_trials:
-            if t["trial_id"] in self.pending and t["status"] in ("TERMINATED", "ERROR"):
-                ok = t["status"] == "TERMINATED" and t["score"] is not None
-                self.on_trial_complete(t["trial_id"], {self.metric: t["score"]} if ok else None, error=not ok)
-        for t in tune_trials:
-            key = _key(t["weights"])
-            if t["status"] in ("TERMINATED", "ERROR") or t["trial_id"] in self.pending:
-                continue
-            match = next((i for i, p in enumerate(self.queue) if _key(p) == key), None)
-            if match is not None:
-                self.pending[t["trial_id"]] = self.queue.pop(match)
+    def replay(self, tune_trials: list[dict]) -> list[str]:
+        """Rebuild a fresh searcher's progress from Tune's saved record of trials, [{"trial_id",
+        "status", "level", "weights", "score"}], in any order; returns the ids of trials that fit
+        no point of the search (they are left out).
+
+        Tune saves that record and this searcher's state one after the other, and uploads them to
+        cloud storage in any order, so after a killed driver the saved state can be behind or
+        ahead of the record (seen in CI). The record is what Tune acts on when it restores: it
+        re-runs its unfinished trials under their old ids and runs nothing it finished. Level by
+        level, each recorded trial takes its point from the queue; finished ones report their
+        score, unfinished ones stay pending until Tune re-runs them, and points Tune never
+        recorded stay queued. Within a level the order of trials means nothing to the search, so
+        neither does the record's order.
+        """
+        if self.trials or self.pending or self.level:
+            raise RuntimeError("replay: needs a fresh searcher, this one has already run trials")
+        left = list(tune_trials)
+        while not self.finished:
+            placed = []
+            for t in left:
+                if t.get("level") != self.level + 1:
+                    continue
+                match = next((i for i, p in enumerate(self.queue) if _key(p) == _key(t["weights"])), None)
+                if match is not None:
+                    self.pending[t["trial_id"]] = self.queue.pop(match)
+                    placed.append(t)
+            if not placed:
+                break
+            left = [t for t in left if t not in placed]
+            for t in placed:  # the last finished one completes the level and starts the next
+                if t["status"] in ("TERMINATED", "ERROR"):
+                    ok = t["status"] == "TERMINATED" and t["score"] is not None
+                    self.on_trial_complete(t["trial_id"], {self.metric: t["score"]} if ok else None, error=not ok)
+        return [t["trial_id"] for t in left]
 
     def save(self, checkpoint_path: str) -> None:
         tmp = f"{checkpoint_path}.tmp"

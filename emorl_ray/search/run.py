@@ -2,7 +2,8 @@
 
 Each trial asks the ensemble deployment to decode the validation prompts with its weights and
 reports the mean of the objectives' mean scores (docs/method.md §4). Re-running with the same run
-directory restores the Tune experiment and the searcher state: finished trials are not redone.
+directory restores the Tune experiment, the searcher rebuilt from Tune's record of trials: finished
+trials are not redone.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def searcher_state(exp_path: str) -> dict:
     return storage.read_json(path) if path else {}
 
 
-def reconcile_searcher(exp_path: str, objectives: list[str]) -> None:
-    """Line the saved searcher state up with Tune's saved trials before a restore
-    (`HierarchicalGridSearcher.reconcile`)."""
+def rebuild_searcher(exp_path: str, objectives: list[str]) -> None:
+    """Before a restore, rebuild the saved searcher state from Tune's saved record of trials
+    (`HierarchicalGridSearcher.replay`): a killed driver can leave the two apart."""
     path = latest_file(exp_path, "searcher-state-", ".pkl")
     experiment = latest_file(exp_path, "experiment_state-", ".json")
     if path is None or experiment is None:
@@ -79,16 +80,23 @@ def reconcile_searcher(exp_path: str, objectives: list[str]) -> None:
     trials = []
     for spec, runtime in storage.read_json(experiment)["trial_data"]:
         spec, result = json.loads(spec), json.loads(runtime).get("last_result") or {}
-        if "weights" in (spec.get("config") or {}):
-            trials.append({"trial_id": spec["trial_id"], "status": spec["status"], "score": result.get(METRIC),
-                           "weights": [spec["config"]["weights"][o] for o in objectives]})
-    searcher = HierarchicalGridSearcher(objectives, metric=METRIC)
-    searcher.set_state(storage.read_json(path))
-    before = json.dumps(searcher.get_state())
-    searcher.reconcile(trials)
-    if json.dumps(searcher.get_state()) != before:
-        log.warning("search: the saved searcher state was behind or ahead of Tune's; lined up before resuming")
-        storage.write_json(path, searcher.get_state())
+        config = spec.get("config") or {}
+        if "weights" in config:
+            trials.append({"trial_id": spec["trial_id"], "status": spec["status"], "level": config.get("level"),
+                           "score": result.get(METRIC), "weights": [config["weights"][o] for o in objectives]})
+    saved = storage.read_json(path)
+    searcher = HierarchicalGridSearcher(objectives, metric=METRIC, mode=saved["_mode"], levels=saved["levels"],
+                                        parameterization=saved["parameterization"], cache=saved["cache"])
+    left_out = searcher.replay(trials)
+    if left_out:
+        log.warning("search: %d of Tune's saved trials fit no point of the search; left out: %s",
+                    len(left_out), left_out)
+    rebuilt = searcher.get_state()
+    if any(json.dumps(rebuilt[k], sort_keys=True) != json.dumps(saved[k], sort_keys=True)
+           for k in ("level", "scores", "pending", "finished")):
+        log.warning("search: the saved searcher state was behind or ahead of Tune's saved trials; "
+                    "rebuilt it from those before resuming")
+    storage.write_json(path, rebuilt)
 
 
 def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], aggregation: str,
@@ -108,7 +116,7 @@ def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
         storage.remove_dir(exp_path)
     if tune.Tuner.can_restore(exp_path):
         log.info("resuming the search from %s", exp_path)
-        reconcile_searcher(exp_path, objectives)
+        rebuild_searcher(exp_path, objectives)
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False)
     searcher = HierarchicalGridSearcher(objectives, metric=METRIC, mode="max", levels=se.levels,
                                         parameterization=se.parameterization, cache=se.cache)
