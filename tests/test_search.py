@@ -246,3 +246,38 @@ def test_the_searcher_holds_back_past_tunes_concurrency_limit():
     assert s.suggest("t1") and s.suggest("t2") and s.suggest("t3") is None
     s.on_trial_complete("t1", {"score": 0.0})
     assert s.suggest("t3") is not None
+
+
+def test_the_newest_tune_file_is_the_last_by_name_as_tune_reads_it(tmp_path):
+    """Tune's restore reads the last session by name; a rewrite (ours, before a restore) or a
+    node with a clock behind must not make us read or rebuild another file."""
+    import os
+
+    from emorl_ray.search.run import latest_file
+
+    newer, older = "searcher-state-2026-01-02_00-00-00.pkl", "searcher-state-2026-01-01_00-00-00.pkl"
+    for name, mtime in ((newer, 100), (older, 200), ("search_gen_state-2026-01-03_00-00-00.json", 300)):
+        (tmp_path / name).write_text("{}")
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert latest_file(str(tmp_path), "searcher-state-", ".pkl") == str(tmp_path / newer)
+    assert latest_file(str(tmp_path), "experiment_state-", ".json") is None
+
+
+@pytest.mark.parametrize("missing", ["experiment_state-", "search_gen_state-", "searcher-state-"])
+def test_a_search_killed_before_tune_saved_all_its_state_starts_again(tiny_config, missing):
+    """Tune's first save can be cut short (a driver killed as the search starts, mid-upload to cloud
+    storage): tuner.pkl is there, some of the rest is not. Restoring that would re-run trials
+    without their config, run every point again, or fail; the search starts afresh instead."""
+    from pathlib import Path
+
+    from emorl_ray.search.run import TUNE_STATE_FILES, make_tuner
+
+    exp = Path(tiny_config.run_dir.ray_storage) / "search-overlap-brevity"
+    exp.mkdir(parents=True)
+    garbage = b"not a pickle: Tuner.restore would fail on it"
+    (exp / "tuner.pkl").write_bytes(garbage)
+    for prefix, suffix in TUNE_STATE_FILES:
+        if prefix != missing:
+            (exp / f"{prefix}2026-01-01_00-00-00{suffix}").write_text("{}")
+    make_tuner(tiny_config, tiny_config.run_dir, ["overlap", "brevity"], "hidden_state", exp.name)
+    assert not list(exp.glob("*state-*")) and (exp / "tuner.pkl").read_bytes() != garbage  # a new experiment's

@@ -57,11 +57,17 @@ class SearchProgress(tune.Callback):
                  "n/a" if score is None else f"{score:.4f}", self.best)
 
 
+# What Tune saves of an experiment, beside tuner.pkl: its record of trials, the state of its
+# wrappers around the searcher, and the searcher's own state.
+TUNE_STATE_FILES = (("experiment_state-", ".json"), ("search_gen_state-", ".json"), ("searcher-state-", ".pkl"))
+
+
 def latest_file(exp_path: str, prefix: str, suffix: str) -> str | None:
-    """The newest of Tune's `<prefix>...<suffix>` files in an experiment directory."""
-    files = sorted((mtime, name) for name, mtime in storage.listdir(exp_path)
-                   if name.startswith(prefix) and name.endswith(suffix))
-    return storage.join(exp_path, files[-1][1]) if files else None
+    """The newest of Tune's `<prefix><session>-<suffix>` files in an experiment directory: the
+    last by name, as Tune's restore picks it (the session is a timestamp; modification times
+    change when a file is rewritten, and clocks differ between the nodes of a cluster)."""
+    names = sorted(name for name, _ in storage.listdir(exp_path) if name.startswith(prefix) and name.endswith(suffix))
+    return storage.join(exp_path, names[-1]) if names else None
 
 
 def searcher_state(exp_path: str) -> dict:
@@ -109,10 +115,13 @@ def make_tuner(cfg: ExperimentConfig, run_dir: RunDir, objectives: list[str], ag
     # Tune saves the experiment state (what a restore knows is finished) at most every 10 s by
     # default; trials here take seconds, so a killed driver would redo several. Save every second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    if tune.Tuner.can_restore(exp_path) and latest_file(exp_path, "experiment_state-", ".json") is None:
-        # A driver killed while Tune was starting leaves tuner.pkl but no experiment state: Tune's
-        # restore then runs trials without their config. Nothing had finished: start afresh.
-        log.warning("the search in %s was stopped before its first saved state; starting it again", exp_path)
+    if tune.Tuner.can_restore(exp_path) and any(latest_file(exp_path, *f) is None for f in TUNE_STATE_FILES):
+        # A driver killed while Tune was starting leaves tuner.pkl without some of its first saved
+        # state. Without the record of trials Tune's restore runs trials without their config;
+        # without the wrappers' state it restores no searcher, and a fresh one runs every point
+        # again; without the searcher's own state it fails. Nothing had finished yet: start afresh.
+        log.warning("the search in %s was stopped before Tune had saved all of its state; starting it again",
+                    exp_path)
         storage.remove_dir(exp_path)
     if tune.Tuner.can_restore(exp_path):
         log.info("resuming the search from %s", exp_path)
