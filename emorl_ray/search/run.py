@@ -63,7 +63,7 @@ TUNE_STATE_FILES = (("experiment_state-", ".json"), ("search_gen_state-", ".json
 
 
 def latest_file(exp_path: str, prefix: str, suffix: str) -> str | None:
-    """The newest of Tune's `<prefix><session>-<suffix>` files in an experiment directory: the
+    """The newest of Tune's `<prefix><session><suffix>` files in an experiment directory: the
     last by name, as Tune's restore picks it (the session is a timestamp; modification times
     change when a file is rewritten, and clocks differ between the nodes of a cluster)."""
     names = sorted(name for name, _ in storage.listdir(exp_path) if name.startswith(prefix) and name.endswith(suffix))
