@@ -78,11 +78,10 @@ def searcher_state(exp_path: str) -> dict:
 
 def rebuild_searcher(exp_path: str, objectives: list[str]) -> None:
     """Before a restore, rebuild the saved searcher state from Tune's saved record of trials
-    (`HierarchicalGridSearcher.replay`): a killed driver can leave the two apart."""
+    (`HierarchicalGridSearcher.replay`): a killed driver can leave the two apart. Both files are
+    there: `make_tuner` starts the search afresh otherwise."""
     path = latest_file(exp_path, "searcher-state-", ".pkl")
     experiment = latest_file(exp_path, "experiment_state-", ".json")
-    if path is None or experiment is None:
-        return
     trials = []
     for spec, runtime in storage.read_json(experiment)["trial_data"]:
         spec, result = json.loads(spec), json.loads(runtime).get("last_result") or {}
