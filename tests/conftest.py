@@ -59,6 +59,18 @@ class RayTestsApart:
         return Scheduling(config, log)
 
 
+RAY_TESTS_LAST = ("test_cluster_cli.py",)
+
+
+def pytest_collection_modifyitems(items):
+    """The Ray tests that start several nodes of their own (`ray start`) run after the other Ray
+    tests, when they have the machine to themselves: under `-n 2` the unit tests keep the other
+    worker busy for the suite's first minutes, and three nodes sharing the 2 cores with them were
+    slow. Measured with `pytest -n 2 --durations=40`: the cluster test took 252 s run first, 109 s
+    run last, and the whole suite 1,222 s against 1,042 s."""
+    items.sort(key=lambda item: item.path.name in RAY_TESTS_LAST)  # stable: the rest keep their order
+
+
 def pytest_configure(config):
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(RayTestsApart())
