@@ -66,8 +66,9 @@ def pytest_collection_modifyitems(items):
     """The Ray tests that start several nodes of their own (`ray start`) run after the other Ray
     tests, when they have the machine to themselves: under `-n 2` the unit tests keep the other
     worker busy for the suite's first minutes, and three nodes sharing the 2 cores with them were
-    slow. Measured with `pytest -n 2 --durations=40`: the cluster test took 252 s run first, 109 s
-    run last, and the whole suite 1,222 s against 1,042 s."""
+    slow. Measured with `pytest -n 2 --durations=40`: the node-loss test took 252 s run first, 109 s
+    run last; the whole suite 1,222 s against 1,042 s in that pair of runs (a run here varies by
+    about 100 s)."""
     items.sort(key=lambda item: item.path.name in RAY_TESTS_LAST)  # stable: the rest keep their order
 
 
