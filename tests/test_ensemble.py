@@ -9,7 +9,7 @@ from emorl_ray.config import ConfigError, LoraConfig, ModelConfig
 from emorl_ray.data import read_demo
 from emorl_ray.decoding.engine import generate_texts
 from emorl_ray.decoding.sampling import choose_token
-from emorl_ray.decoding.static import KEPT_CACHES, compile_counts, static_decoder
+from emorl_ray.decoding.static import KEPT_CACHES, compile_counts, padded_rows, padding_index, static_decoder
 from emorl_ray.ensemble.adapter_ensemble import AdapterEnsemble
 from emorl_ray.ensemble.weights import WeightError
 from emorl_ray.models import Policy, lora_config
@@ -141,12 +141,23 @@ def test_fixed_shape_decode_steps_give_the_eager_tokens(decode_step, tiny_causal
             assert static.generate(PROMPTS, rows, 10, **how) == eager.generate(PROMPTS, rows, 10, **how)
     assert len(set(eager.generate(PROMPTS, rows, 10))) > 2
     caches = static_decoder(static.model, decode_step == "graph").caches
-    assert list(caches) == [(3 * len(PROMPTS), 64)]  # K * B rows, prompt + 10 rounded up to 64
+    # K = 3 blocks of 6 prompts padded to 8 rows each; prompt + 10 tokens rounded up to 64
+    assert list(caches) == [(3 * 8, 64)]
+    compiled = compile_counts()
+    # 5 prompts pad to the same 8 rows a block: the same cache and compiled step, the eager tokens
+    assert static.generate(PROMPTS[:5], rows[:5], 10) == eager.generate(PROMPTS[:5], rows[:5], 10)
+    assert list(caches) == [(3 * 8, 64)] and compile_counts()["graphs"] == compiled["graphs"]
     assert len(caches) <= KEPT_CACHES
     after = compile_counts()
     assert (after["graphs"] > before["graphs"]) == (decode_step == "graph")
     # one graph for the whole decoder stack: a break would split every step into pieces with Python between
     assert after["graph_breaks"] == before["graph_breaks"]
+
+
+def test_fixed_shape_steps_pad_each_adapter_block_to_a_few_row_counts():
+    assert [padded_rows(b) for b in range(1, 19)] == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 24, 24]
+    assert padding_index(2, 3, "cpu").tolist() == [0, 1, 2, 2, 3, 4, 5, 5]  # each block's last row again
+    assert padding_index(3, 8, "cpu") is None
 
 
 def test_fixed_shape_steps_need_a_decoder_only_model_and_linear_adapters(tiny_t5, tiny_causal, tmp_path):

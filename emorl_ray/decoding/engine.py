@@ -177,7 +177,8 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
                              "stacked product); these adapters need peft's mixed batches: use 'eager'")
         if prefilled is None:
             prefilled = prefill(model, {"input_ids": enc["input_ids"].repeat(K, 1), "attention_mask": attn})
-        static = static_decoder(model, compiled=policy.decode_step == "graph").start(prefilled, attn, max_new_tokens)
+        static = static_decoder(model, compiled=policy.decode_step == "graph").start(prefilled, attn, max_new_tokens,
+                                                                                     blocks=K)
     with LMHeadInput(model) as cap:
         if policy.is_seq2seq:
             start = torch.full((K * B, 1), model.config.decoder_start_token_id, device=dev)

@@ -9,7 +9,8 @@ the attention mask covers all L positions from the first step (positions not yet
 hidden by causality), and from one step to the next only the new token ids and their positions
 change. Every step is then the same
 computation on tensors at the same addresses, which `torch.compile(mode="reduce-overhead")`
-captures once per (N, L) as a CUDA graph and replays.
+captures once per (N, L) as a CUDA graph and replays. N is rounded up too (`padded_rows`): each
+adapter block gets copies of its last row, whose outputs are dropped.
 
 `model.decode_step` picks the step: "eager" (the dynamic cache; the CPU default), "static" (this
 cache, run eagerly: the graph's computation without the graph) or "graph" (this cache, compiled).
@@ -27,6 +28,7 @@ import torch
 from emorl_ray.decoding.prefill import Prefilled
 
 LENGTH_BUCKET = 64  # L is rounded up to this, so that prompt lengths share their graphs
+ROW_BUCKET = 8      # past 8 prompts, the rows of each adapter block are rounded up to a multiple of this
 KEPT_CACHES = 4     # static caches (and so captured graphs' inputs) kept per model, least recently used dropped
 
 
@@ -91,18 +93,46 @@ def check_static(model) -> None:
                          "recurrent layers; use 'eager'")
 
 
-class StaticRun:
-    """One decode's static cache, loaded with the prompt passes, and its constant attention mask."""
+def padded_rows(prompts: int) -> int:
+    """The rows each adapter block runs in a fixed-shape step for `prompts` prompts: 1, 2, 4, 8, then
+    the next multiple of ROW_BUCKET. Every new shape costs a compilation (about a minute on a CPU),
+    and batches come in every size (the endpoint's requests, a split's last batch): rounded up, a
+    few graphs serve them all. At these row counts a step's time goes mostly to reading the
+    weights, which the extra rows do not add to (not yet measured on a GPU)."""
+    return 1 << (prompts - 1).bit_length() if prompts <= 8 else -(-prompts // ROW_BUCKET) * ROW_BUCKET
 
-    def __init__(self, forward, decoder, cache, mask: torch.Tensor):
+
+def padding_index(blocks: int, prompts: int, device) -> torch.Tensor | None:
+    """Which real row each padded row copies, block by block (adapter-major, as the engine lays
+    the rows out): a block's own rows, then its last row again until `padded_rows`. None when no
+    row is added. The copies repeat a real row's prompt pass, token and position, so they compute
+    only what that row does, and their outputs are dropped."""
+    padded = padded_rows(prompts)
+    if padded == prompts:
+        return None
+    rows = torch.arange(blocks * prompts).view(blocks, prompts)
+    return torch.cat([rows, rows[:, -1:].expand(blocks, padded - prompts)], 1).reshape(-1).to(device)
+
+
+class StaticRun:
+    """One decode's static cache, loaded with the prompt passes, and its constant attention mask.
+    `index`: the padding rows (`padding_index`) the step adds to each block and drops again."""
+
+    def __init__(self, forward, decoder, cache, mask: torch.Tensor, blocks: int, index: torch.Tensor | None):
         self.forward, self.decoder, self.cache, self.mask = forward, decoder, cache, mask
+        self.blocks, self.index = blocks, index
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The LM head's input (N, d) after feeding `ids` (N, 1) at positions `pos` (N, 1)."""
         if ids.device.type == "cuda":
             # A new replay: the previous step's output buffers may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
-        return self.forward(self.decoder, ids, pos, self.mask, self.cache)
+        if self.index is None:
+            return self.forward(self.decoder, ids, pos, self.mask, self.cache)
+        h = self.forward(self.decoder, ids.index_select(0, self.index), pos.index_select(0, self.index), self.mask,
+                         self.cache)
+        prompts = ids.shape[0] // self.blocks
+        return h.view(self.blocks, -1, h.shape[-1])[:, :prompts].reshape(-1, h.shape[-1])
 
 
 class StaticDecoder:
@@ -114,10 +144,16 @@ class StaticDecoder:
         self.model, self.compiled = model, compiled
         self.caches: OrderedDict[tuple[int, int], object] = OrderedDict()
 
-    def start(self, pre: Prefilled, attn: torch.Tensor, max_new_tokens: int) -> StaticRun:
-        """`pre`: the N rows' prompt passes; `attn`: their (N, P) attention mask."""
+    def start(self, pre: Prefilled, attn: torch.Tensor, max_new_tokens: int, blocks: int = 1) -> StaticRun:
+        """`pre`: the N rows' prompt passes; `attn`: their (N, P) attention mask; `blocks`: the K
+        adapter blocks the N rows form."""
         from transformers import StaticCache
 
+        index = padding_index(blocks, attn.shape[0] // blocks, attn.device)
+        keys, values = pre.keys, pre.values
+        if index is not None:
+            keys, values = [k.index_select(0, index) for k in keys], [v.index_select(0, index) for v in values]
+            attn = attn.index_select(0, index)
         rows, prompt_len = attn.shape
         length = -(-(prompt_len + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         cache = self.caches.pop((rows, length), None)
@@ -128,12 +164,12 @@ class StaticDecoder:
         else:
             cache.reset()
         self.caches[(rows, length)] = cache
-        for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
+        for i, (k, v) in enumerate(zip(keys, values)):
             cache.layers[i].update(k, v)  # positions 0..P-1; the step writes from P on
         mask = torch.ones(rows, length, dtype=attn.dtype, device=attn.device)
         mask[:, :prompt_len] = attn
         forward = compiled_forward() if self.compiled else _decoder_forward
-        return StaticRun(forward, decoder_of(self.model), cache, mask)
+        return StaticRun(forward, decoder_of(self.model), cache, mask, blocks, index)
 
 
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
