@@ -38,6 +38,9 @@ def test_ensemble_decodes_on_cuda_greedy_and_seeded(tiny_causal, tmp_path, aggre
     w = {"a": 0.2, "b": 0.5, "c": 0.3}
     greedy = ens.generate(PROMPTS, w, 8, aggregation=aggregation)
     assert greedy == cpu.generate(PROMPTS, w, 8, aggregation=aggregation)
+    # 3 prompts: the fixed-shape step pads each block to 4 rows and drops the copies' outputs
+    assert ens.generate(PROMPTS[:3], w, 8, aggregation=aggregation) == \
+        cpu.generate(PROMPTS[:3], w, 8, aggregation=aggregation)
     sampled = [ens.generate(PROMPTS, w, 8, greedy=False, seed=7, top_k=5, top_p=0.9, aggregation=aggregation)
                for _ in range(2)]
     assert sampled[0] == sampled[1]  # the seed reproduces on the device's own generator
