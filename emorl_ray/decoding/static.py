@@ -144,9 +144,10 @@ class StaticDecoder:
         self.model, self.compiled = model, compiled
         self.caches: OrderedDict[tuple[int, int], object] = OrderedDict()
 
-    def start(self, pre: Prefilled, attn: torch.Tensor, max_new_tokens: int, blocks: int = 1) -> StaticRun:
+    def start(self, pre: Prefilled, attn: torch.Tensor, max_new_tokens: int, blocks: int) -> StaticRun:
         """`pre`: the N rows' prompt passes; `attn`: their (N, P) attention mask; `blocks`: the K
-        adapter blocks the N rows form."""
+        adapter blocks the N rows form (no default: padded as one block, K blocks' rows would land
+        in the wrong adapters' products)."""
         from transformers import StaticCache
 
         index = padding_index(blocks, attn.shape[0] // blocks, attn.device)
