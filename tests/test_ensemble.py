@@ -4,6 +4,7 @@ import peft
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from emorl_ray.config import ConfigError, LoraConfig, ModelConfig
 from emorl_ray.data import read_demo
@@ -152,6 +153,56 @@ def test_fixed_shape_decode_steps_give_the_eager_tokens(decode_step, tiny_causal
     assert (after["graphs"] > before["graphs"]) == (decode_step == "graph")
     # one graph for the whole decoder stack: a break would split every step into pieces with Python between
     assert after["graph_breaks"] == before["graph_breaks"]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that bring a tensor's values to the host (`bool()`, `.item()`, `nonzero`,
+    boolean-mask indexing): on a GPU each makes the host wait for the device, which then idles
+    while the host launches the next step. (A dispatch mode sees ops only: `.tolist()` of a CPU
+    tensor is none.)"""
+
+    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "_unique2", "unique_dim", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func.overloadpacket.__name__ in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("who", ["hidden_state", "logit", "rollouts"])
+def test_a_fixed_shape_decode_reads_the_host_once_a_token(who, tiny_causal, tmp_path):
+    """Around the static step (the computation a GPU replays as a graph) the decode loop reads
+    nothing on the host but the stop check, once a token: the ensemble with mixed per-row weights,
+    greedy and seeded-sampled, and the k-SCST rollouts with their log-probs. Counted as what a
+    12-token decode reads more than a 4-token one, so that the once-a-decode reads (the prompt
+    pass's mask) cancel. (Eager steps read twice a token: transformers checks the padding mask
+    on the host in every forward, `masking_utils._ignore_causal_mask_sdpa`.)"""
+    from emorl_ray.config import SamplingConfig
+    from emorl_ray.training.scst import sample
+
+    mc, adapters = _random_adapters(tiny_causal, tmp_path)
+    fixed = dataclasses.replace(mc, decode_step="static")
+    if who == "rollouts":
+        policy = Policy(fixed)
+        model = get_peft_model(policy.model, lora_config(LoraConfig(r=4, alpha=16, dropout=0.0), policy.kind))
+        runs = [lambda n: sample(policy, model, PROMPTS[:3], 2, n, SamplingConfig(temperature=0.9, top_k=20),
+                                 return_logprobs=True).response_ids.shape[1]]
+    else:
+        ens = AdapterEnsemble(Policy(fixed), adapters)
+        rows = [[1, 0, 0], [0.2, 0.5, 0.3], [0, 2, 1], [1, 1, 1], [0, 0, 1]]
+        runs = [lambda n, how=how: max(d["tokens"] for d in ens.generate(PROMPTS[:5], rows, n, aggregation=who,
+                                                                            details=True, **how))
+                for how in ({}, dict(greedy=False, seed=5, temperature=0.9, top_k=20, top_p=0.9))]
+    for run in runs:
+        reads = {}
+        for n in (4, 12):
+            with HostReads() as counted:
+                assert run(n) == n  # no early stop: n steps
+            reads[n] = counted.reads
+        assert reads[12] - reads[4] == 12 - 4, reads
 
 
 def test_fixed_shape_steps_pad_each_adapter_block_to_a_few_row_counts():

@@ -209,7 +209,7 @@ def decode(policy, model, prompts: list[str], max_new_tokens: int, *, sampling: 
             nxt = nxt.to(dev).masked_fill(finished, policy.pad_token_id)
             tokens.append(nxt)
             finished |= nxt == policy.eos_token_id
-            if stop.all_finished(finished):  # the one host sync per token
+            if stop.all_finished(finished):  # the one host sync per token (eager steps add transformers' mask check)
                 # the last `lag` steps came after the longest row's end: padding only
                 del tokens[len(tokens) - stop.lag:], logprobs[len(logprobs) - stop.lag:]
                 break
