@@ -158,8 +158,8 @@ def test_fixed_shape_decode_steps_give_the_eager_tokens(decode_step, tiny_causal
 class HostReads(TorchDispatchMode):
     """Counts the ops that bring a tensor's values to the host (`bool()`, `.item()`, `nonzero`,
     boolean-mask indexing): on a GPU each makes the host wait for the device, which then idles
-    while the host launches the next step. (A dispatch mode sees ops only: `.tolist()` of a CPU
-    tensor is none.)"""
+    while the host launches the next step. (It sees ops only: on a CPU, `.tolist()` runs none and
+    goes uncounted.)"""
 
     OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "_unique2", "unique_dim", "unique_consecutive"}
 
@@ -183,15 +183,14 @@ def test_a_fixed_shape_decode_reads_the_host_once_a_token(who, tiny_causal, tmp_
     from emorl_ray.config import SamplingConfig
     from emorl_ray.training.scst import sample
 
-    mc, adapters = _random_adapters(tiny_causal, tmp_path)
-    fixed = dataclasses.replace(mc, decode_step="static")
+    fixed = ModelConfig(id=tiny_causal, use_chat_template=False, decode_step="static")
     if who == "rollouts":
         policy = Policy(fixed)
         model = get_peft_model(policy.model, lora_config(LoraConfig(r=4, alpha=16, dropout=0.0), policy.kind))
         runs = [lambda n: sample(policy, model, PROMPTS[:3], 2, n, SamplingConfig(temperature=0.9, top_k=20),
                                  return_logprobs=True).response_ids.shape[1]]
     else:
-        ens = AdapterEnsemble(Policy(fixed), adapters)
+        ens = AdapterEnsemble(Policy(fixed), _random_adapters(tiny_causal, tmp_path)[1])
         rows = [[1, 0, 0], [0.2, 0.5, 0.3], [0, 2, 1], [1, 1, 1], [0, 0, 1]]
         runs = [lambda n, how=how: max(d["tokens"] for d in ens.generate(PROMPTS[:5], rows, n, aggregation=who,
                                                                             details=True, **how))
