@@ -50,6 +50,11 @@ class Prefilled:
 
         return Prefilled(rep(self.keys), rep(self.values), self.last_hidden.repeat_interleave(k, dim=0))
 
+    def select(self, index: torch.Tensor) -> Prefilled:
+        """The rows `index` names, in its order (a row may appear more than once)."""
+        return Prefilled([k.index_select(0, index) for k in self.keys], [v.index_select(0, index) for v in self.values],
+                         self.last_hidden.index_select(0, index))
+
     def row(self, i: int, length: int) -> Prefilled:
         """Row i alone, its `length` real positions without the left padding (copied, so the
         batch's tensors can be freed)."""

@@ -151,10 +151,8 @@ class StaticDecoder:
         from transformers import StaticCache
 
         index = padding_index(blocks, attn.shape[0] // blocks, attn.device)
-        keys, values = pre.keys, pre.values
         if index is not None:
-            keys, values = [k.index_select(0, index) for k in keys], [v.index_select(0, index) for v in values]
-            attn = attn.index_select(0, index)
+            pre, attn = pre.select(index), attn.index_select(0, index)
         rows, prompt_len = attn.shape
         length = -(-(prompt_len + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         cache = self.caches.pop((rows, length), None)
@@ -165,7 +163,7 @@ class StaticDecoder:
         else:
             cache.reset()
         self.caches[(rows, length)] = cache
-        for i, (k, v) in enumerate(zip(keys, values)):
+        for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
             cache.layers[i].update(k, v)  # positions 0..P-1; the step writes from P on
         mask = torch.ones(rows, length, dtype=attn.dtype, device=attn.device)
         mask[:, :prompt_len] = attn
